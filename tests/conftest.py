@@ -1,0 +1,47 @@
+"""Shared test set-up.
+
+TensorFlow's logical devices can only be configured before TF initializes, so the two logical CPU
+devices that the `tf.distribute.MirroredStrategy` tests need are made here, once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:  # already initialized by an earlier import in this process
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clear():
+    """Every test starts from the same seeds and a clean Keras name scope."""
+    keras.utils.set_random_seed(0)
+    yield
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's bundled 8x8 digits as (x_train, y_train, x_val, y_val), float32 in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype("float32")[..., None]
+    y = d.target.astype("int32")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))
+    x, y = x[idx], y[idx]
+    n_val = 360
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
