@@ -21,8 +21,6 @@ def get_method_class(name: str):
         ValueError: if `name` is not a known method.
     """
     if name not in METHODS:
-        raise ValueError(
-            f"Unknown method {name!r}. Allowed: {', '.join(sorted(METHODS))}."
-        )
+        raise ValueError(f"Unknown method {name!r}. Allowed: {', '.join(sorted(METHODS))}.")
     module_name, class_name = METHODS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -24,7 +24,8 @@ and calls, for each step:
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -54,10 +55,10 @@ class FinetunePlan:
 class Data:
     """Train and validation arrays, already checked (no NaNs, labels in range)."""
 
-    x_train: "np.ndarray"
-    y_train: "np.ndarray"
-    x_val: "np.ndarray"
-    y_val: "np.ndarray"
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
     num_classes: int
 
 
@@ -80,18 +81,18 @@ class Method:
     def check_combination(cls, names: list[str]) -> None:
         """Raises ValueError (naming both methods and why) if `names` cannot be combined."""
 
-    def prepare(self, model: "keras.Model", data: Data, plan: FinetunePlan) -> "keras.Model":
+    def prepare(self, model: keras.Model, data: Data, plan: FinetunePlan) -> keras.Model:
         return model
 
     def callbacks(self, plan: FinetunePlan) -> list:
         return []
 
     def finetune(
-        self, model: "keras.Model", data: Data, plan: FinetunePlan, fit: FitFn
-    ) -> "keras.Model | None":
+        self, model: keras.Model, data: Data, plan: FinetunePlan, fit: FitFn
+    ) -> keras.Model | None:
         return None
 
-    def finalize(self, model: "keras.Model") -> "keras.Model":
+    def finalize(self, model: keras.Model) -> keras.Model:
         return model
 
     def report(self) -> dict:

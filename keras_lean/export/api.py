@@ -1,0 +1,186 @@
+"""`export_model`: SavedModel + TFLite, checked in the interpreter, with sizes and latency."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from keras_lean.export.saved_model import export_saved_model
+from keras_lean.export.sizes import file_sizes, weight_sizes
+from keras_lean.export.tflite import QUANTIZATIONS, TFLiteRunner, convert_to_tflite
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+FORMATS = ("saved_model", "tflite")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What `export_model` wrote and measured.
+
+    Attributes:
+        quantization: the TFLite quantization used.
+        params: weights of the exported Keras model.
+        nonzero_params: weights that are not exactly zero.
+        weights_raw_bytes: the weights' size as stored (float32: 4 bytes each).
+        weights_gzip_bytes: the weights' gzip size.
+        saved_model_path: the SavedModel folder, or None if not exported.
+        saved_model_raw_bytes: SavedModel folder size (all files).
+        saved_model_gzip_bytes: SavedModel folder gzip size (files gzipped one by one).
+        tflite_path: the `.tflite` file, or None if not exported.
+        tflite_raw_bytes: `.tflite` file size.
+        tflite_gzip_bytes: `.tflite` gzip size.
+        max_abs_diff: largest |TFLite output - Keras output| over the check samples.
+        keras_accuracy: Keras accuracy on the check samples (when labels were given).
+        tflite_accuracy: TFLite accuracy on the same samples.
+        latency_batch_size: batch size of the latency measurement.
+        keras_latency_ms: median time of one batch through the compiled Keras predict step.
+        tflite_latency_ms: median time of one batch through the TFLite interpreter.
+    """
+
+    quantization: str
+    params: int
+    nonzero_params: int
+    weights_raw_bytes: int
+    weights_gzip_bytes: int
+    saved_model_path: str | None = None
+    saved_model_raw_bytes: int | None = None
+    saved_model_gzip_bytes: int | None = None
+    tflite_path: str | None = None
+    tflite_raw_bytes: int | None = None
+    tflite_gzip_bytes: int | None = None
+    max_abs_diff: float | None = None
+    keras_accuracy: float | None = None
+    tflite_accuracy: float | None = None
+    latency_batch_size: int | None = None
+    keras_latency_ms: float | None = None
+    tflite_latency_ms: float | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "sparsity": self.sparsity}
+
+
+def measure_latency_ms(fn: Callable[[np.ndarray], Any], x: np.ndarray, runs: int = 20) -> float:
+    """Returns the median wall time in ms of `fn(x)` over `runs` calls, after one warm-up call."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1. Received: runs={runs}")
+    fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def export_model(
+    model: keras.Model,
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "model",
+    formats: Sequence[str] = FORMATS,
+    quantization: str = "none",
+    calibration_x: np.ndarray | None = None,
+    check_x: np.ndarray | None = None,
+    check_y: np.ndarray | None = None,
+    latency_batch_size: int = 32,
+    latency_runs: int = 20,
+) -> ExportReport:
+    """Exports a Keras model for deployment and checks the TFLite file against Keras.
+
+    Writes `out_dir/<name>_saved_model/` (SavedModel, endpoint `serve`) and
+    `out_dir/<name>.tflite`, loads the `.tflite` in the interpreter, runs `check_x` through both
+    and records the max abs difference, accuracies (if `check_y`), sizes, parameter counts and
+    the batch latency of Keras and TFLite.
+
+    Args:
+        model: a plain Keras model (wrappers stripped).
+        out_dir: destination folder.
+        name: file name stem.
+        formats: any of `"saved_model"`, `"tflite"`.
+        quantization: TFLite quantization, one of `none`, `dynamic`, `float16`, `int8`.
+        calibration_x: training samples for `int8` calibration.
+        check_x: samples to compare Keras and TFLite outputs on (and time the latency with).
+        check_y: their integer labels, for accuracies.
+        latency_batch_size: batch size of the latency measurement.
+        latency_runs: timed batches per runtime.
+
+    Returns:
+        An `ExportReport`.
+
+    Raises:
+        ValueError: unknown format or quantization, or `int8` without calibration samples.
+
+    Example:
+        >>> report = export_model(model, "out", quantization="dynamic", check_x=x_val)
+        >>> report.max_abs_diff < 0.05
+        True
+    """
+    formats = tuple(formats)
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(
+                f"formats entries must be one of {', '.join(FORMATS)}. Received: {f!r}"
+            )
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}. "
+            f"Received: quantization={quantization!r}"
+        )
+    if latency_batch_size < 1:
+        raise ValueError(f"latency_batch_size must be >= 1. Received: {latency_batch_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = weight_sizes(model)
+    fields: dict[str, Any] = {
+        "quantization": quantization,
+        "params": sizes.params,
+        "nonzero_params": sizes.nonzero_params,
+        "weights_raw_bytes": sizes.raw_bytes,
+        "weights_gzip_bytes": sizes.gzip_bytes,
+    }
+    if "saved_model" in formats:
+        sm = export_saved_model(model, out_dir / f"{name}_saved_model")
+        raw, gz = file_sizes(sm)
+        fields.update(
+            saved_model_path=str(sm), saved_model_raw_bytes=raw, saved_model_gzip_bytes=gz
+        )
+    if "tflite" in formats:
+        path = convert_to_tflite(
+            model,
+            out_dir / f"{name}.tflite",
+            quantization=quantization,
+            calibration_x=calibration_x,
+        )
+        raw, gz = file_sizes(path)
+        fields.update(tflite_path=str(path), tflite_raw_bytes=raw, tflite_gzip_bytes=gz)
+        if check_x is not None and len(check_x):
+            runner = TFLiteRunner(path)
+            keras_out = np.asarray(model.predict(check_x, batch_size=256, verbose=0))
+            lite_out = np.concatenate(
+                [runner(check_x[i : i + 256]) for i in range(0, len(check_x), 256)]
+            )
+            fields["max_abs_diff"] = float(np.max(np.abs(lite_out - keras_out)))
+            if check_y is not None:
+                y = np.asarray(check_y).reshape(-1)
+                fields["keras_accuracy"] = float(np.mean(keras_out.argmax(-1) == y))
+                fields["tflite_accuracy"] = float(np.mean(lite_out.argmax(-1) == y))
+            batch = np.resize(check_x, (latency_batch_size, *check_x.shape[1:]))
+            fields.update(
+                latency_batch_size=latency_batch_size,
+                keras_latency_ms=measure_latency_ms(model.predict_on_batch, batch, latency_runs),
+                tflite_latency_ms=measure_latency_ms(runner, batch, latency_runs),
+            )
+    return ExportReport(**fields)

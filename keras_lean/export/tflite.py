@@ -1,0 +1,154 @@
+"""TFLite (LiteRT) conversion with quantization, and running a `.tflite` file in the interpreter."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+
+
+def _converter_kwargs(quantization: str, calibration_x: np.ndarray | None) -> dict[str, Any]:
+    import tensorflow as tf
+
+    if quantization == "none":
+        return {}
+    kwargs: dict[str, Any] = {"optimizations": [tf.lite.Optimize.DEFAULT]}
+    if quantization == "float16":
+        kwargs["target_spec"] = {"supported_types": [tf.float16]}
+    elif quantization == "int8":
+        if calibration_x is None or len(calibration_x) == 0:
+            raise ValueError(
+                "quantization='int8' needs calibration samples. Received: calibration_x=None"
+            )
+        samples = np.asarray(calibration_x, dtype="float32")
+
+        def representative_dataset() -> Iterator[list[np.ndarray]]:
+            for i in range(len(samples)):
+                yield [samples[i : i + 1]]
+
+        kwargs["representative_dataset"] = representative_dataset
+    return kwargs
+
+
+def convert_to_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    quantization: str = "none",
+    calibration_x: np.ndarray | None = None,
+) -> Path:
+    """Converts a Keras model to a `.tflite` file with Keras' LiteRT exporter.
+
+    Args:
+        model: a plain Keras model (no training-only wrappers).
+        path: destination, ending in `.tflite`; written through a temporary name and a rename.
+        quantization: `"none"` (float32), `"dynamic"` (int8 weights, float activations),
+            `"float16"` (float16 weights) or `"int8"` (int8 weights and activations calibrated
+            on `calibration_x`; the input and output stay float32).
+        calibration_x: samples for `int8` calibration (training samples, one per step).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: unknown `quantization`, a path not ending in `.tflite`, or `int8` without
+            calibration samples.
+
+    Example:
+        >>> convert_to_tflite(model, "out/model.tflite", quantization="dynamic")
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}. "
+            f"Received: quantization={quantization!r}"
+        )
+    path = Path(path)
+    if path.suffix != ".tflite":
+        raise ValueError(f"A TFLite file must end in '.tflite'. Received: path={str(path)!r}")
+    kwargs = _converter_kwargs(quantization, calibration_x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.tflite", dir=path.parent)
+    os.close(fd)
+    try:
+        model.export(tmp, format="litert", verbose=False, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def make_interpreter(path: str | os.PathLike) -> Any:
+    """Loads a `.tflite` file in the LiteRT interpreter (`ai_edge_litert` when installed, else
+    `tf.lite.Interpreter`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a valid TFLite model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"TFLite file not found: {path}")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    try:
+        with warnings.catch_warnings():
+            # tf.lite.Interpreter warns that it moves to ai_edge_litert; it still works.
+            warnings.simplefilter("ignore", UserWarning)
+            return Interpreter(model_path=str(path))
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid TFLite model: {e}") from e
+
+
+class TFLiteRunner:
+    """Runs batches through a `.tflite` model (single input, single output).
+
+    Args:
+        path: the `.tflite` file.
+
+    Example:
+        >>> runner = TFLiteRunner("out/model.tflite")
+        >>> probs = runner(x_val[:32])
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.interpreter = make_interpreter(self.path)
+        inputs = self.interpreter.get_input_details()
+        outputs = self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(
+                f"{self.path}: only single-input single-output models are supported. "
+                f"Received {len(inputs)} inputs and {len(outputs)} outputs."
+            )
+        self._in = inputs[0]
+        self._out_index = outputs[0]["index"]
+        self._batch: int | None = None
+
+    def _resize(self, batch: int) -> None:
+        if self._batch != batch:
+            shape = [batch, *self._in["shape"][1:]]
+            self.interpreter.resize_tensor_input(self._in["index"], shape)
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self._in["dtype"])
+        self._resize(len(x))
+        self.interpreter.set_tensor(self._in["index"], x)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self._out_index))

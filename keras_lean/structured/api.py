@@ -1,0 +1,630 @@
+"""Model-level API: one-shot and gradual structured pruning, shrink, and the structure report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_lean.flops import count_flops
+from keras_lean.structured.graph import DependencyGraph, build_graph, model_calls
+from keras_lean.structured.importance import IMPORTANCE_CRITERIA, unit_scores
+from keras_lean.structured.masks import (
+    ChannelMask,
+    MaskedLayerNormalization,
+    MaskedMultiHeadAttention,
+    keep_count,
+)
+from keras_lean.structured.surgery import clone_layer, rebuild, replay, width_of
+
+__all__ = [
+    "LayerStructure",
+    "StructureReport",
+    "prune_structured",
+    "prune_structured_gradually",
+    "select_units",
+    "shrink",
+    "structure_report",
+]
+
+L = keras.layers
+
+# Layers that map an all-zero channel to an all-zero channel: no mask needed after them.
+_ZERO_PRESERVING = (
+    L.ReLU,
+    L.LeakyReLU,
+    L.ELU,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.UpSampling3D,
+    L.Flatten,
+    L.Reshape,
+    L.Add,
+    L.Subtract,
+    L.Multiply,
+    L.Average,
+    L.Maximum,
+    L.Minimum,
+    L.Concatenate,
+)
+_ZERO_PRESERVING_ACTIVATIONS = (
+    "relu",
+    "relu6",
+    "linear",
+    "tanh",
+    "gelu",
+    "silu",
+    "swish",
+    "elu",
+    "selu",
+    "leaky_relu",
+    "softsign",
+    "mish",
+)
+
+
+def _check_args(ratio, importance, round_to, min_channels, name="ratio"):
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ValueError(f"{name} must be a float in [0, 1). Received: {name}={ratio!r}")
+    if importance not in IMPORTANCE_CRITERIA:
+        raise ValueError(
+            f"importance must be one of {', '.join(IMPORTANCE_CRITERIA)}. "
+            f"Received: importance={importance!r}"
+        )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1. Received: round_to={round_to!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(
+            f"min_channels must be an integer >= 1. Received: min_channels={min_channels!r}"
+        )
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        hint = (
+            " It looks like a tf_keras (legacy Keras 2) model: rebuild or load it with Keras 3."
+            if type(model).__module__.startswith("tf_keras")
+            else ""
+        )
+        raise ValueError(
+            f"Expected a Keras 3 Sequential or functional model. Received: {type(model).__name__}"
+            + hint
+        )
+
+
+def _limits(group, round_to: int, min_channels: int) -> tuple[int, int]:
+    return (1, 1) if group.kind == "heads" else (round_to, min_channels)
+
+
+def _ranked(group, scores: dict) -> list[int]:
+    """The group's units, most important first; blocked units rank before all others."""
+    prunable = dict(zip(group.units, group.prunable, strict=False))
+    return sorted(group.units, key=lambda u: (prunable[u], -scores.get(u, 0.0), u))
+
+
+def select_units(
+    graph: DependencyGraph,
+    scores: dict,
+    ratio: float,
+    *,
+    round_to: int = 1,
+    min_channels: int = 1,
+    global_ranking: bool = False,
+) -> frozenset:
+    """Chooses the units to remove.
+
+    Args:
+        graph: the dependency graph.
+        scores: unit root -> importance (higher is kept).
+        ratio: fraction of each group's units to remove (per layer), or of all prunable units
+            (global ranking).
+        round_to: surviving units per channel group are a multiple of this.
+        min_channels: at least this many units survive per group (heads: at least 1).
+        global_ranking: rank all groups' units together instead of per group.
+
+    Returns:
+        The root ids of the units to remove.
+    """
+    pruned: set[int] = set()
+    groups = [g for g in graph.groups if g.is_prunable]
+    if not global_ranking:
+        for g in groups:
+            r, m = _limits(g, round_to, min_channels)
+            keep = keep_count(g.size, ratio, r, m)
+            ranked = _ranked(g, scores)
+            ok = set(u for u, p in zip(g.units, g.prunable, strict=False) if p)
+            pruned.update(u for u in ranked[keep:] if u in ok)
+        return frozenset(pruned)
+    total = sum(g.size for g in groups)
+    target = int(math.floor(total * ratio + 1e-4))
+    candidates = sorted(
+        (
+            (scores.get(u, 0.0), u, g)
+            for g in groups
+            for u, p in zip(g.units, g.prunable, strict=False)
+            if p
+        ),
+        key=lambda t: (t[0], t[1]),
+    )
+    count: dict[int, int] = {}
+    for _, u, g in candidates:
+        if len(pruned) >= target:
+            break
+        _, m = _limits(g, round_to, min_channels)
+        if g.size - count.get(g.index, 0) - 1 < min(m, g.size):
+            continue
+        pruned.add(u)
+        count[g.index] = count.get(g.index, 0) + 1
+    for g in groups:  # round each group's survivors up to a multiple of round_to
+        r, _ = _limits(g, round_to, min_channels)
+        gone = [u for u in _ranked(g, scores) if u in pruned]
+        keep = g.size - len(gone)
+        extra = min(-(-keep // r) * r, g.size) - keep
+        for u in gone[:extra]:  # the most important of the removed ones come back
+            pruned.discard(u)
+    return frozenset(pruned)
+
+
+def prune_structured(
+    model: keras.Model,
+    ratio: float,
+    importance: str = "l1",
+    *,
+    data: Any = None,
+    loss: Any = None,
+    round_to: int = 1,
+    min_channels: int = 1,
+    exclude: tuple | list | str = (),
+    global_ranking: bool = False,
+    batch_size: int = 32,
+    taylor_batches: int = 4,
+) -> keras.Model:
+    """Removes whole channels, neurons and heads, returning a new, smaller model.
+
+    Args:
+        model: a built Keras 3 Sequential or functional model (not changed).
+        ratio: fraction of units to remove, in [0, 1): per group (each layer, or each set of
+            coupled layers, loses this fraction), or overall with `global_ranking=True`.
+        importance: `"l1"`, `"l2"`, `"bn_gamma"` or `"taylor"` (see `importance.py`).
+        data: `(x, y)` or an iterable of `(x, y)` batches, for `"taylor"`.
+        loss: the loss for `"taylor"` (default: the model's compiled loss).
+        round_to: surviving widths are multiples of this (e.g. 8), capped at the original width.
+        min_channels: minimum surviving width of every group (attention keeps >= 1 head).
+        exclude: layer name patterns (fnmatch) whose widths are kept.
+        global_ranking: rank units of all groups together (widths then differ per layer).
+        batch_size: batch size for `"taylor"` with array data.
+        taylor_batches: batches the Taylor scores average over.
+
+    Returns:
+        A new Keras model (Sequential if `model` is) with the surviving weights copied. At
+        `ratio=0` its outputs equal `model`'s.
+
+    Raises:
+        ValueError: for a bad argument, a model type that is not supported, or `"taylor"`
+            without data or loss.
+
+    Example:
+
+    >>> small = prune_structured(model, 0.5, "l1", round_to=8, exclude=("logits",))
+    >>> structure_report(model, small).flops_ratio
+    """
+    _check_model(model)
+    _check_args(ratio, importance, round_to, min_channels)
+    graph = build_graph(model, exclude)
+    scores = unit_scores(
+        graph,
+        importance,
+        data=data,
+        loss=loss,
+        batch_size=batch_size,
+        taylor_batches=taylor_batches,
+    )
+    pruned = select_units(
+        graph,
+        scores,
+        ratio,
+        round_to=round_to,
+        min_channels=min_channels,
+        global_ranking=global_ranking,
+    )
+    return rebuild(model, graph, pruned)
+
+
+# -- gradual -----------------------------------------------------------------------------------
+
+
+def _final_sparsity(schedule: Any) -> float:
+    _, sparsity = schedule(2**40)
+    return float(keras.ops.convert_to_numpy(sparsity))
+
+
+def _copy_weights(old: Any, new: Any) -> None:
+    """Copies weights between a layer and its (masked or plain) twin, matched by path."""
+    if isinstance(old, keras.Model):
+        new.set_weights(old.get_weights())
+        return
+    if not isinstance(old, keras.layers.Layer):
+        return  # a stateless operation, reused as is
+
+    def rel(layer, w):  # the path inside the layer (Sequential prefixes the model's name)
+        return w.path.split(f"{layer.name}/", 1)[-1]
+
+    by_path = {rel(new, w): w for w in new.weights}
+    for w in old.weights:
+        path = rel(old, w)
+        if path in by_path:
+            by_path[path].assign(w)
+        elif path not in ("mask", "pruning_step"):
+            raise ValueError(f"Layer {new.name!r} has no weight matching {w.path!r}.")
+
+
+def _needs_mask(layer: Any) -> bool:
+    if isinstance(layer, _ZERO_PRESERVING):
+        return False
+    if isinstance(layer, L.Activation):
+        name = getattr(layer.activation, "__name__", str(layer.activation))
+        return name not in _ZERO_PRESERVING_ACTIVATIONS
+    return True
+
+
+def prune_structured_gradually(
+    model: keras.Model,
+    pruning_schedule: Any,
+    importance: str = "l1",
+    *,
+    data: Any = None,
+    loss: Any = None,
+    round_to: int = 1,
+    min_channels: int = 1,
+    exclude: tuple | list | str = (),
+    global_ranking: bool = False,
+    batch_size: int = 32,
+    taylor_batches: int = 4,
+) -> keras.Model:
+    """Returns a copy of `model` whose channel groups are masked step by step during `fit`.
+
+    Units are ranked once (by `importance` on the current weights); at every pruning step of
+    `pruning_schedule` each group keeps its `keep_count(size, sparsity)` best units and masks the
+    rest to exact zeros, coupled channels in lockstep. The schedule's sparsity is the fraction of
+    channels removed per group (or overall, with `global_ranking`). The masks live in the model
+    (plain `model.fit`, `jit_compile=True` works, saves to `.keras` and loads without
+    `custom_objects`). `shrink` turns the result into the small plain model.
+
+    Args:
+        model: a built Keras 3 Sequential or functional model (not changed).
+        pruning_schedule: a keras_lean schedule, a TFMOT `PruningSchedule`, or a schedule dict
+            (anything `keras_lean.sparsity.schedules.as_schedule` accepts).
+        importance, data, loss, round_to, min_channels, exclude, global_ranking, batch_size,
+            taylor_batches: as for `prune_structured`.
+
+    Returns:
+        A new Keras model with `ChannelMask` layers (and `MaskedMultiHeadAttention` for attention),
+        weights copied, not compiled.
+
+    Raises:
+        ValueError: for a bad argument or a model type that is not supported.
+
+    Example:
+
+    >>> schedule = PolynomialDecay(0.0, 0.5, begin_step=0, end_step=500, frequency=50)
+    >>> masked = prune_structured_gradually(model, schedule, "l1")
+    >>> masked.compile("adam", "sparse_categorical_crossentropy"); masked.fit(x, y, epochs=3)
+    >>> small = shrink(masked)
+    """
+    from keras_lean.sparsity.schedules import as_schedule
+
+    _check_model(model)
+    _check_args(0.0, importance, round_to, min_channels)
+    schedule = as_schedule(pruning_schedule)
+    graph = build_graph(model, exclude)
+    scores = unit_scores(
+        graph,
+        importance,
+        data=data,
+        loss=loss,
+        batch_size=batch_size,
+        taylor_batches=taylor_batches,
+    )
+    rank: dict[int, int] = {}
+    size: dict[int, int] = {}
+    scale: dict[int, float] = {}
+    group_scale = {g.index: 1.0 for g in graph.groups}
+    if global_ranking:
+        s_final = _final_sparsity(schedule)
+        if s_final > 0:
+            chosen = select_units(
+                graph,
+                scores,
+                s_final,
+                round_to=round_to,
+                min_channels=min_channels,
+                global_ranking=True,
+            )
+            for g in graph.groups:
+                share = sum(u in chosen for u in g.units) / g.size
+                group_scale[g.index] = share / s_final
+    for g in graph.groups:
+        for r, u in enumerate(_ranked(g, scores)):
+            rank[u], size[u] = r, g.size
+            scale[u] = group_scale[g.index] if g.is_prunable else 0.0
+
+    def mask_args(ids, limits):
+        roots = graph.roots[ids]
+        return dict(
+            ranks=[rank[int(u)] for u in roots],
+            sizes=[size[int(u)] for u in roots],
+            scales=[scale[int(u)] for u in roots],
+            pruning_schedule=schedule,
+            round_to=limits[0],
+            min_channels=limits[1],
+        )
+
+    prunable_roots = {u for g in graph.groups if g.is_prunable for u in g.units}
+    old_layers: dict[str, Any] = {}
+    calls_seen: dict[str, int] = {}
+
+    def make(layer):
+        old_layers[layer.name] = layer
+        if isinstance(layer, L.MultiHeadAttention) and layer.name in graph.heads:
+            heads = graph.heads[layer.name]
+            if any(int(u) in prunable_roots for u in graph.roots[heads]):
+                cfg = layer.get_config()
+                if isinstance(layer, MaskedMultiHeadAttention):
+                    cfg = layer.plain_config()
+                return MaskedMultiHeadAttention(**mask_args(heads, (1, 1)), **cfg)
+        if isinstance(layer, L.LayerNormalization) and layer.name in graph.slices:
+            ins, _ = graph.layer_ids[layer.name]
+            if any(int(u) in prunable_roots for u in graph.roots[ins[0]]):
+                cfg = layer.get_config()
+                if isinstance(layer, MaskedLayerNormalization):
+                    cfg = layer.plain_config()
+                return MaskedLayerNormalization(
+                    **mask_args(ins[0], (round_to, min_channels)), **cfg
+                )
+        return clone_layer(layer)
+
+    def after(layer):
+        _, out = graph.layer_ids.get(layer.name, ([], None))
+        if out is None or not _needs_mask(layer):
+            return None
+        if not any(int(u) in prunable_roots for u in graph.roots[out]):
+            return None
+        n = calls_seen[layer.name] = calls_seen.get(layer.name, 0) + 1
+        suffix = "" if n == 1 else f"_{n}"
+        return ChannelMask(
+            **mask_args(out, (round_to, min_channels)), name=f"{layer.name}_mask{suffix}"
+        )
+
+    masked, new_layers = replay(model, make, after)
+    for name, new in new_layers.items():
+        _copy_weights(old_layers[name], new)
+    return masked
+
+
+def shrink(model: keras.Model) -> keras.Model:
+    """Physically removes the channels and heads the gradual masks switched off.
+
+    Args:
+        model: a model from `prune_structured_gradually` (after or during fine-tuning), or any
+            plain model (then it is copied unchanged).
+
+    Returns:
+        A new plain Keras model with no keras_lean mask layers, narrower where masks were zero;
+        its outputs equal the masked model's (up to float rounding).
+
+    Raises:
+        ValueError: if the masks disagree about a unit (a model edited by hand).
+    """
+    _check_model(model)
+    produced_by: dict[int, str] = {}
+    channel_masks: list[tuple[str, np.ndarray]] = []
+    head_masks: dict[str, np.ndarray] = {}
+    norm_masks: dict[str, np.ndarray] = {}
+    for call in model_calls(model):
+        layer = call.layer
+        if isinstance(layer, ChannelMask):
+            source = produced_by.get(id(call.inputs[0]))
+            channel_masks.append((source, np.asarray(layer.mask.numpy())))
+            for t in call.outputs:
+                produced_by[id(t)] = source
+            continue
+        if isinstance(layer, MaskedMultiHeadAttention):
+            head_masks[layer.name] = np.asarray(layer.mask.numpy())
+        if isinstance(layer, MaskedLayerNormalization):
+            norm_masks[layer.name] = np.asarray(layer.mask.numpy())
+        for t in call.outputs:
+            produced_by[id(t)] = layer.name
+    old_layers: dict[str, Any] = {}
+
+    def make(layer):
+        if isinstance(layer, ChannelMask):
+            return None
+        old_layers[layer.name] = layer
+        if isinstance(layer, MaskedMultiHeadAttention):
+            return L.MultiHeadAttention.from_config(layer.plain_config())
+        if isinstance(layer, MaskedLayerNormalization):
+            return L.LayerNormalization.from_config(layer.plain_config())
+        return clone_layer(layer)
+
+    plain, new_layers = replay(model, make)
+    for name, new in new_layers.items():
+        if new is not None:
+            _copy_weights(old_layers[name], new)
+    graph = build_graph(plain)
+    state: dict[int, bool] = {}
+
+    def record(ids, mask, where):
+        for u, m in zip(graph.roots[ids].tolist(), mask.tolist(), strict=False):
+            keep = bool(m > 0.5)
+            if state.setdefault(u, keep) != keep:
+                raise ValueError(
+                    f"Inconsistent masks: a channel is kept in one place and masked at {where!r}."
+                )
+
+    for source, mask in channel_masks:
+        _, out = graph.layer_ids.get(source, ([], None))
+        if out is None or len(out) != len(mask):
+            raise ValueError(f"Cannot match the mask after layer {source!r} to its channels.")
+        record(out, mask, source)
+    for name, mask in head_masks.items():
+        record(graph.heads[name], mask, name)
+    for name, mask in norm_masks.items():
+        record(graph.layer_ids[name][0][0], mask, name)
+    prunable = {u for g in graph.groups for u, p in zip(g.units, g.prunable, strict=False) if p}
+    pruned = {u for u, keep in state.items() if not keep}
+    blocked = pruned - prunable
+    if blocked:
+        raise ValueError(
+            "Masked channels feed a model output or a layer the graph cannot narrow; cannot "
+            f"shrink them ({len(blocked)} units)."
+        )
+    return rebuild(plain, graph, pruned)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStructure:
+    """Width, parameters and FLOPs of one layer before and after pruning.
+
+    Attributes:
+        name: layer name.
+        class_name: layer class.
+        width_before: units / filters / output_dim / heads before (None for width-less layers).
+        width_after: the same after (None if the layer is gone).
+        params_before: parameters before.
+        params_after: parameters after.
+        flops_before: forward FLOPs per sample before.
+        flops_after: forward FLOPs per sample after.
+    """
+
+    name: str
+    class_name: str
+    width_before: int | None
+    width_after: int | None
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureReport:
+    """What structured pruning changed.
+
+    Attributes:
+        layers: one `LayerStructure` per layer of the original model.
+        params_before: total parameters before.
+        params_after: total parameters after.
+        flops_before: forward FLOPs per sample before.
+        flops_after: forward FLOPs per sample after.
+        skipped: `(layer name, reason)` for every layer whose channels were left alone.
+    """
+
+    layers: tuple[LayerStructure, ...]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    skipped: tuple[tuple[str, str], ...]
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs after / before."""
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        """Parameters after / before."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "flops_ratio": self.flops_ratio,
+            "params_ratio": self.params_ratio,
+            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "skipped": [{"layer": n, "reason": r} for n, r in self.skipped],
+        }
+
+
+def structure_report(
+    original: keras.Model, pruned: keras.Model, *, exclude: tuple | list | str = ()
+) -> StructureReport:
+    """Per-layer width, parameters and FLOPs before and after, plus the layers left alone.
+
+    Args:
+        original: the model before pruning.
+        pruned: the pruned (or shrunk) model.
+        exclude: the exclude patterns used for pruning, so `skipped` lists them.
+
+    Returns:
+        A `StructureReport` (`to_dict()` for JSON).
+    """
+    _check_model(original)
+    _check_model(pruned)
+    before, after = count_flops(original), count_flops(pruned)
+    rows_after = after.by_name()
+    by_name_after = {layer.name: layer for layer in pruned.layers}
+    rows = []
+    for row in before.rows:
+        ra = rows_after.get(row.name)
+        try:
+            lb = original.get_layer(row.name)
+        except ValueError:
+            lb = None
+        la = by_name_after.get(row.name)
+        rows.append(
+            LayerStructure(
+                name=row.name,
+                class_name=row.class_name,
+                width_before=width_of(lb) if lb is not None else None,
+                width_after=width_of(la) if la is not None else None,
+                params_before=row.params,
+                params_after=ra.params if ra else 0,
+                flops_before=row.flops,
+                flops_after=ra.flops if ra else 0,
+            )
+        )
+    graph = build_graph(original, exclude)
+    return StructureReport(
+        layers=tuple(rows),
+        params_before=before.params,
+        params_after=after.params,
+        flops_before=before.total,
+        flops_after=after.total,
+        skipped=tuple((s.name, s.reason) for s in graph.skipped),
+    )

@@ -1,0 +1,225 @@
+"""Model surgery: rebuild a Keras model layer by layer with narrower layers and sliced weights.
+
+`rebuild(model, graph, pruned)` creates, for every layer, a fresh layer from its config with the
+new widths (`units`, `filters`, `output_dim`, `num_heads`, Reshape's `target_shape`), calls it on
+the rebuilt graph (so it is built with the new input shapes), and copies the surviving slices of
+every weight. Nothing of the caller's model is shared or changed.
+
+`replay(model, make_layer, after)` is the generic part, also used to insert and remove the
+gradual-pruning mask layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_lean.structured.graph import DependencyGraph, graph_inputs, model_calls
+from keras_lean.structured.importance import layer_weight
+
+__all__ = ["rebuild", "replay", "clone_layer"]
+
+
+def clone_layer(layer: Any, config: dict | None = None) -> Any:
+    """A fresh, unbuilt layer of the same class from `config` (default: the layer's own)."""
+    if isinstance(layer, keras.Model):
+        return keras.models.clone_model(layer)
+    if not isinstance(layer, keras.layers.Layer):
+        return layer  # a stateless keras.ops operation in a functional graph (x * 2.0, ...)
+    cfg = dict(layer.get_config() if config is None else config)
+    try:
+        return type(layer).from_config(cfg)
+    except Exception as e:  # a user layer whose from_config cannot read its get_config
+        raise ValueError(
+            f"Cannot rebuild layer {layer.name!r} ({type(layer).__name__}) from its config: {e}"
+        ) from e
+
+
+def _input_name(tensor: Any) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else tensor.name
+
+
+def replay(
+    model: keras.Model,
+    make_layer: Callable[[Any], Any],
+    after: Callable[[Any], Any] | None = None,
+) -> tuple[keras.Model, dict]:
+    """Rebuilds `model`'s graph calling `make_layer(old_layer)` for each layer.
+
+    Args:
+        model: a built Sequential or functional model.
+        make_layer: returns the new layer for an old one (called once per layer, shared layers
+            stay shared), or None to drop the layer (its first input passes through).
+        after: optional `after(old_layer) -> layer | None`: a layer to insert after the old
+            layer's (first) output, called once per call.
+
+    Returns:
+        `(new_model, {old layer name: new layer or None})`. A Sequential comes back as a
+        Sequential, a functional model as a functional model.
+    """
+    new_layers: dict[str, Any] = {}
+
+    def get(layer):
+        if layer.name not in new_layers:
+            new_layers[layer.name] = make_layer(layer)
+        return new_layers[layer.name]
+
+    if isinstance(model, keras.Sequential):
+        inp = graph_inputs(model)[0]
+        seq = keras.Sequential(name=model.name)
+        seq.add(keras.Input(shape=tuple(inp.shape[1:]), dtype=inp.dtype, name=_input_name(inp)))
+        for call in model_calls(model):
+            new = get(call.layer)
+            if new is not None:
+                seq.add(new)
+            if after is not None:
+                extra = after(call.layer)
+                if extra is not None:
+                    seq.add(extra)
+        return seq, new_layers
+
+    tensors: dict[int, Any] = {}
+    for t in graph_inputs(model):
+        tensors[id(t)] = keras.Input(
+            batch_shape=tuple(t.shape), dtype=t.dtype, sparse=t.sparse, name=_input_name(t)
+        )
+    for call in model_calls(model):
+        args, kwargs = call.node.arguments.fill_in(tensors)
+        new = get(call.layer)
+        if new is None:
+            outputs = [args[0]]
+        else:
+            outputs = keras.tree.flatten(new(*args, **kwargs))
+        if after is not None:
+            extra = after(call.layer)
+            if extra is not None:
+                outputs = [extra(outputs[0])] + outputs[1:]
+        for old_t, new_t in zip(call.outputs, outputs, strict=False):
+            tensors[id(old_t)] = new_t
+
+    def remap(t):
+        return tensors[id(t)]
+
+    outs = keras.tree.map_structure(remap, getattr(model, "_outputs_struct", model.outputs))
+    ins = keras.tree.map_structure(remap, getattr(model, "_inputs_struct", model.inputs))
+    return keras.Model(ins, outs, name=model.name), new_layers
+
+
+def _count(mask: np.ndarray | None) -> int:
+    return int(mask.sum())
+
+
+def new_config(layer: Any, graph: DependencyGraph, pruned: frozenset) -> dict | None:
+    """The layer's config at its new width, or None when the layer is unchanged."""
+    cfg = layer.get_config()
+    name = layer.name
+    ins, out = graph.layer_ids.get(name, ([], None))
+    keep_out = graph.keep_mask(out, pruned)
+    L = keras.layers
+    if name in graph.heads:
+        cfg["num_heads"] = _count(graph.keep_mask(graph.heads[name], pruned))
+        if layer._output_shape is not None and isinstance(layer._output_shape, int):
+            cfg["output_shape"] = _count(keep_out)
+        elif layer._output_shape is not None and len(tuple(layer._output_shape)) == 1:
+            cfg["output_shape"] = (_count(keep_out),)
+        return cfg
+    if name not in graph.slices and name not in graph.reshape_mode:
+        return None
+    if isinstance(layer, L.Embedding):
+        cfg["output_dim"] = _count(keep_out)
+    elif isinstance(layer, L.Dense):
+        cfg["units"] = _count(keep_out)
+    elif isinstance(layer, L.SeparableConv1D | L.SeparableConv2D):
+        cfg["filters"] = _count(keep_out)
+    elif isinstance(layer, L.DepthwiseConv1D | L.DepthwiseConv2D):
+        pass  # width follows the input
+    elif isinstance(layer, L.Conv1D | L.Conv2D | L.Conv3D):
+        cfg["filters"] = _count(keep_out)
+    elif isinstance(layer, L.Reshape):
+        x = ins[0]
+        kept = _count(graph.keep_mask(x, pruned))
+        target = tuple(layer.target_shape)
+        if graph.reshape_mode[name] == "flat":
+            cfg["target_shape"] = (target[0] // len(x) * kept,) if target[0] != -1 else (-1,)
+        else:
+            cfg["target_shape"] = target[:-1] + (kept,)
+    return cfg
+
+
+def sliced_weights(layer: Any, graph: DependencyGraph, pruned: frozenset) -> list[np.ndarray]:
+    """The layer's weights (in `layer.weights` order) with the pruned positions removed."""
+    by_path: dict[str, list] = {}
+    for s in graph.slices.get(layer.name, []):
+        by_path.setdefault(s.weight, []).append(s)
+    values = []
+    for w in layer.weights:
+        v = np.asarray(w.numpy())
+        for path, slices in by_path.items():
+            if layer_weight(layer, path) is w:
+                for s in slices:
+                    v = np.compress(graph.keep_mask(s.ids, pruned), v, axis=s.axis)
+        values.append(v)
+    return values
+
+
+def rebuild(model: keras.Model, graph: DependencyGraph, pruned: frozenset | set) -> keras.Model:
+    """A new model without the `pruned` units, weights of the survivors copied.
+
+    Args:
+        model: the model `graph` was built from.
+        graph: its `DependencyGraph`.
+        pruned: root ids of the units to remove (all must be prunable).
+
+    Returns:
+        A new Keras model of the same kind (Sequential or functional).
+    """
+    pruned = frozenset(int(u) for u in pruned)
+    layers = {}
+
+    def make(layer):
+        cfg = new_config(layer, graph, pruned)
+        new = clone_layer(layer, cfg)
+        layers[layer.name] = (layer, new)
+        return new
+
+    new_model, _ = replay(model, make)
+    for old, new in layers.values():
+        if not isinstance(old, keras.layers.Layer):
+            continue
+        if isinstance(old, keras.Model):
+            new.set_weights(old.get_weights())
+            continue
+        values = sliced_weights(old, graph, pruned)
+        if len(values) != len(new.weights):
+            raise ValueError(
+                f"Rebuilt layer {old.name!r} has {len(new.weights)} weights, expected "
+                f"{len(values)}."
+            )
+        for var, value in zip(new.weights, values, strict=False):
+            if tuple(var.shape) != value.shape:
+                raise ValueError(
+                    f"Rebuilt layer {old.name!r}: weight {var.path} has shape {tuple(var.shape)}, "
+                    f"sliced value has {value.shape}."
+                )
+            var.assign(value)
+    return new_model
+
+
+def width_of(layer: Any) -> int | None:
+    """The width a structure report shows for a layer (units, filters, heads, ...)."""
+    for attr in ("units", "filters", "output_dim", "num_heads"):
+        v = getattr(layer, attr, None)
+        if isinstance(v, int):
+            return v
+    if isinstance(layer, keras.layers.DepthwiseConv1D | keras.layers.DepthwiseConv2D):
+        if layer.built:
+            return int(math.prod(layer.kernel.shape[-2:]))
+    if isinstance(layer, keras.layers.BatchNormalization | keras.layers.LayerNormalization):
+        if layer.built and layer.weights:
+            return int(layer.weights[0].shape[-1])
+    return None

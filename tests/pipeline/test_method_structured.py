@@ -1,0 +1,121 @@
+"""The `structured` recipe method, driven directly through the Method contract."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lean.pipeline.methods import get_method_class
+from keras_lean.pipeline.methods.base import Data, FinetunePlan
+from keras_lean.pipeline.methods.structured import StructuredMethod, StructuredOptions
+
+L = keras.layers
+
+
+def _cnn():
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(16, 3, padding="same", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU()(x)
+    y = L.Conv2D(16, 3, padding="same", name="c2")(x)
+    y = L.BatchNormalization(name="bn2")(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.Dense(24, activation="relu", name="d1")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x))
+
+
+def _data(digits, n=256):
+    x_train, y_train, x_val, y_val = digits
+    return Data(x_train[:n], y_train[:n], x_val[:64], y_val[:64], 10)
+
+
+def _fit(model, data, plan):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model.fit(
+        data.x_train, data.y_train, batch_size=plan.batch_size, epochs=plan.epochs, verbose=0
+    )
+
+
+def test_registered_and_ordered():
+    assert get_method_class("structured") is StructuredMethod
+    assert StructuredMethod.order == 10 and StructuredMethod.options_class is StructuredOptions
+
+
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_gradual_prepare_fit_finalize_shrinks(digits, importance):
+    data = _data(digits)
+    plan = FinetunePlan(epochs=2, steps_per_epoch=8, batch_size=32)
+    options = StructuredOptions.from_dict(
+        {"ratio": 0.5, "importance": importance, "schedule": {"frequency": 2}, "round_to": 4}
+    )
+    method = StructuredMethod(options)
+    model = _cnn()
+    masked = method.prepare(model, data, plan)
+    assert masked is not model
+    history = _fit(masked, data, plan)
+    assert np.isfinite(history.history["loss"][-1])
+    small = method.finalize(masked)
+    np.testing.assert_allclose(small(data.x_val), masked(data.x_val), rtol=1e-4, atol=1e-4)
+    widths = {
+        layer.name: getattr(layer, "filters", getattr(layer, "units", None))
+        for layer in small.layers
+    }
+    assert widths["c1"] == widths["c2"] == 8 and widths["d1"] == 12 and widths["logits"] == 10
+    report = method.report()
+    assert report["structure"]["flops_after"] < report["structure"]["flops_before"]
+    assert report["schedule_steps"]["end_step"] <= plan.total_steps - 1
+    assert report["options"]["ratio"] == 0.5
+
+
+def test_oneshot_prepare_is_small_and_finalize_keeps_it(digits):
+    data = _data(digits)
+    plan = FinetunePlan(epochs=1, steps_per_epoch=8, batch_size=32)
+    method = StructuredMethod(StructuredOptions(ratio=0.25, mode="oneshot"))
+    model = _cnn()
+    small = method.prepare(model, data, plan)
+    assert small.count_params() < model.count_params()
+    _fit(small, data, plan)
+    final = method.finalize(small)
+    assert final.count_params() == small.count_params()
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"ratoi": 0.5}, r"structured\.ratoi"),
+        ({"ratio": 1.0}, r"structured\.ratio must be in \[0, 1\)"),
+        ({"importance": "l3"}, r"structured\.importance must be one of"),
+        ({"mode": "fast"}, r"structured\.mode must be one of gradual, oneshot"),
+        ({"round_to": 0}, r"structured\.round_to must be an integer >= 1"),
+        ({"exclude": [1]}, r"structured\.exclude must be a list"),
+        ({"schedule": {"kind": "cubic"}}, r"structured\.schedule\.kind must be one of"),
+        ({"schedule": {"bogus": 1}}, r"structured\.schedule\.bogus"),
+        ({"global_ranking": "yes"}, r"structured\.global_ranking must be true or false"),
+    ],
+    ids=[
+        "unknown-key",
+        "ratio",
+        "importance",
+        "mode",
+        "round_to",
+        "exclude",
+        "schedule-kind",
+        "schedule-key",
+        "global",
+    ],
+)
+def test_options_errors(section, match):
+    with pytest.raises(ValueError, match=match):
+        StructuredOptions.from_dict(section)
+
+
+def test_options_round_trip():
+    options = StructuredOptions.from_dict({"ratio": 0.3, "exclude": "logits", "mode": "oneshot"})
+    assert StructuredOptions.from_dict(options.to_dict()) == options
+    assert options.exclude == ("logits",)
