@@ -17,6 +17,16 @@ _EXPORTS = {
     "strip_pruning": "keras_lean.sparsity",
     "sparsity_report": "keras_lean.sparsity",
     "check_m_by_n": "keras_lean.sparsity",
+    "find_lottery_ticket": "keras_lean.sparsity",
+    "prune_structured": "keras_lean.structured",
+    "prune_structured_gradually": "keras_lean.structured",
+    "shrink": "keras_lean.structured",
+    "structure_report": "keras_lean.structured",
+    "factorize": "keras_lean.lowrank",
+    "apply_lora": "keras_lean.lowrank",
+    "merge_lora": "keras_lean.lowrank",
+    "lora_summary": "keras_lean.lowrank",
+    "count_flops": "keras_lean.flops",
     "EnergyTracker": "keras_lean.energy",
 }
 

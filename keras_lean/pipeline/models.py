@@ -96,6 +96,12 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
         )
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a valid .keras file (not a zip archive; corrupt?).")
+    # Importing the technique packages registers their layers (pruning wrappers, channel masks,
+    # low-rank layers) with Keras' serialization, so a mid-fine-tuning model loads by name.
+    import keras_lean.lowrank  # noqa: F401
+    import keras_lean.sparsity  # noqa: F401
+    import keras_lean.structured  # noqa: F401
+
     try:
         model = keras.models.load_model(path, compile=compile)
     except Exception as e:  # Keras raises many types for a broken archive; report them as one

@@ -121,6 +121,16 @@ class _GroupMaskMixin:
             "min_channels": self.min_channels,
         }
 
+    def get_config(self):
+        return {**super().get_config(), **self._mask_config()}
+
+    def plain_config(self) -> dict:
+        """The config of the equivalent plain Keras layer (the base class), masks dropped."""
+        config = self.get_config()
+        for key in self._mask_config():
+            config.pop(key)
+        return config
+
 
 @keras.saving.register_keras_serializable(package="keras_lean")
 class ChannelMask(_GroupMaskMixin, keras.layers.Layer):
@@ -159,9 +169,6 @@ class ChannelMask(_GroupMaskMixin, keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), **self._mask_config()}
 
 
 @keras.saving.register_keras_serializable(package="keras_lean")
@@ -208,16 +215,6 @@ class MaskedMultiHeadAttention(_GroupMaskMixin, keras.layers.MultiHeadAttention)
         # output: [batch, target..., heads, value_dim]
         return output * ops.cast(ops.reshape(self.mask, (-1, 1)), output.dtype), scores
 
-    def get_config(self):
-        return {**super().get_config(), **self._mask_config()}
-
-    def plain_config(self) -> dict:
-        """The config of the equivalent plain `MultiHeadAttention`."""
-        config = self.get_config()
-        for key in self._mask_config():
-            config.pop(key)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="keras_lean")
 class MaskedLayerNormalization(_GroupMaskMixin, keras.layers.LayerNormalization):
@@ -261,13 +258,3 @@ class MaskedLayerNormalization(_GroupMaskMixin, keras.layers.LayerNormalization)
             if self.center:
                 y = y + ops.cast(self.beta, "float32")
         return ops.cast(y, inputs.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), **self._mask_config()}
-
-    def plain_config(self) -> dict:
-        """The config of the equivalent plain `LayerNormalization`."""
-        config = self.get_config()
-        for key in self._mask_config():
-            config.pop(key)
-        return config
