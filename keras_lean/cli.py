@@ -467,6 +467,142 @@ def run_cmd(
         click.get_current_context().exit(1)
 
 
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if param.name != "targets":
+        return items
+    try:
+        return [float(v) for v in items]
+    except ValueError as e:
+        raise click.BadParameter(f"expected numbers separated by commas: {e}") from e
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="savedmodels/sweep",
+    show_default=True,
+    help="Sweep folder: baseline/, one run folder per point, sweep.csv, sweep.png.",
+)
+@click.option(
+    "--methods",
+    callback=_comma_list,
+    help="Comma-separated methods (default: magnitude,movement,structured[,lottery]).",
+)
+@click.option(
+    "--targets",
+    callback=_comma_list,
+    help="Comma-separated targets in (0, 1) for every method: target_sparsity, or ratio for "
+    "structured (default: 0.5,0.7,0.8,0.9; structured 0.25,0.5).",
+)
+@click.option("--epochs", type=int, default=None, help="Fine-tune epochs per point.")
+@click.option(
+    "--baseline-run",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Start from this run folder's baseline.keras instead of training one.",
+)
+@click.option("--data", default=None, help="'digits' (default), a .npz file or an image folder.")
+@click.option("--val-split", type=float, default=None, help="Validation fraction (default 0.2).")
+@click.option(
+    "--arch",
+    type=click.Choice(["cnn", "mlp"]),
+    default="cnn",
+    show_default=True,
+    help="Built-in baseline architecture.",
+)
+@click.option(
+    "--baseline-epochs", type=int, default=8, show_default=True, help="Baseline training epochs."
+)
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start every point from this recipe (its methods are replaced).",
+)
+@click.option(
+    "--max-accuracy-drop", type=float, default=None, help="Validation gate and sweet-spot limit."
+)
+@click.option("--jit-compile", type=click.Choice(["on", "off", "auto"]), default=None, help="XLA.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Baseline random seed.")
+@click.option("--verbose", "-v", is_flag=True, help="Keras progress lines while training.")
+@_library_call
+def sweep(
+    out,
+    methods,
+    targets,
+    epochs,
+    baseline_run,
+    data,
+    val_split,
+    arch,
+    baseline_epochs,
+    recipe,
+    max_accuracy_drop,
+    jit_compile,
+    seed,
+    verbose,
+):
+    """Several methods x sparsity targets on one baseline: sweep.csv and sweep.png."""
+    from keras_lean.pipeline.sweep import sweep as sweep_
+    from keras_lean.pipeline.sweep import sweep_points
+
+    # Checked here too, so the error names the option it came from.
+    for hint, args in (("'--methods'", (methods, None)), ("'--targets'", (methods, targets))):
+        try:
+            plan = sweep_points(*args)
+        except ValueError as e:
+            raise click.BadParameter(_one_line(e), param_hint=hint) from e
+    where = f"baseline from {baseline_run}" if baseline_run else "a baseline"
+    click.echo(f"sweep: {where}, then {len(plan)} points into {out}", err=True)
+
+    def progress(p, i, n):
+        if p.ok:
+            text = (
+                f"accuracy {p.accuracy:.4f} (drop {p.accuracy_drop:+.4f}), sparsity "
+                f"{p.sparsity:.1%}, fine-tune {p.finetune_energy_j:.1f} J"
+            )
+        else:
+            text = f"FAILED: {p.error}"
+        click.echo(f"  [{i}/{n}] {p.method} {p.target:g}: {text}", err=True)
+
+    result = sweep_(
+        out,
+        methods=methods,
+        targets=targets,
+        epochs=epochs,
+        baseline_run=baseline_run,
+        data=data,
+        val_split=val_split,
+        arch=arch,
+        baseline_epochs=baseline_epochs,
+        recipe=recipe,
+        max_accuracy_drop=max_accuracy_drop,
+        jit_compile=jit_compile,
+        seed=seed,
+        verbose=2 if verbose else 0,
+        progress=progress,
+    )
+    if result.jit_decision is not None:
+        d = result.jit_decision
+        click.echo(
+            f"jit_compile auto, decided once on the baseline: {'on' if d.jit_compile else 'off'} "
+            f"({d.reason})",
+            err=True,
+        )
+    click.echo(result.table())
+    click.echo(f"\n-> {result.csv_path}" + (f", {result.png_path}" if result.png_path else ""))
+    if result.plot_message:
+        click.echo(result.plot_message, err=True)
+    if result.failed:
+        click.echo(f"{len(result.failed)} of {len(result.points)} points failed", err=True)
+        if len(result.failed) == len(result.points):
+            click.get_current_context().exit(1)
+
+
 @cli.command()
 @click.argument("run_folder", required=False, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's content as JSON.")

@@ -63,6 +63,7 @@ def test_help_is_fast_and_does_not_import_tensorflow():
         "run",
         "report",
         "measure",
+        "sweep",
     ):
         assert command in result.output
 

@@ -1,5 +1,8 @@
 """The five-step pipeline: baseline -> configure -> finetune -> validate -> deploy.
 
+`keras_lean.pipeline.sweep.sweep(...)` runs many methods and targets over one baseline (the
+submodule is not re-exported here, so `keras_lean.pipeline.sweep` stays the module).
+
 Each step is a public function over one run folder (`savedmodels/<run-name>/` by default); the
 `keras-lean` CLI is a thin shell over them. Importing this package imports neither TensorFlow
 nor Keras; the steps do when they run.
@@ -24,6 +27,7 @@ from keras_lean.pipeline.recipe import (
     EarlyStoppingOptions,
     ExportOptions,
     FinetuneOptions,
+    GuardOptions,
     Recipe,
     load_recipe,
     recipe_to_yaml,
@@ -55,6 +59,7 @@ __all__ = [
     "EarlyStoppingOptions",
     "ExportOptions",
     "FinetuneOptions",
+    "GuardOptions",
     "JitDecision",
     "MissingStepError",
     "Recipe",

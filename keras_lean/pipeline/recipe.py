@@ -1,8 +1,8 @@
 """The recipe: what `finetune`, `validate` and `deploy` do, as a versioned YAML file.
 
 A recipe names the methods to apply and has one section per method (parsed by that method's
-`options_class.from_dict`), plus the pipeline's own sections (`finetune`, `export`) and the
-validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.md`. Example::
+`options_class.from_dict`), plus the pipeline's own sections (`finetune`, `export`, `guard`) and
+the validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.md`. Example::
 
     version: 1
     methods: [magnitude]
@@ -265,12 +265,145 @@ class ExportOptions:
         return cls(**kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class GuardOptions:
+    """Accuracy-guarded gradual pruning (`recipe.guard`).
+
+    With `stages`, fine-tuning prunes in steps: it fine-tunes to each stage's sparsity in turn,
+    validates after each against the baseline's accuracy, and keeps the last stage whose drop is
+    within the recipe's `max_accuracy_drop`; a stage that breaks the budget stops the run and
+    the model rolls back to the kept stage (to the baseline if no stage is within budget).
+
+    Attributes:
+        stages: target sparsities of the stages, strictly increasing, each in (0, 1). They
+            replace the pruning method's `target_sparsity`. Empty (the default) turns the
+            guard off.
+        epochs_per_stage: fine-tune epochs of each stage (>= 1); the sparsity schedule spans
+            each stage from the previous stage's sparsity to this one's. `finetune.epochs` is
+            not used when the guard is on.
+    """
+
+    stages: tuple[float, ...] = ()
+    epochs_per_stage: int = 1
+
+    def __post_init__(self):
+        p = "recipe.guard"
+        stages = self.stages
+        if not isinstance(stages, (list, tuple)) or any(
+            isinstance(s, bool) or not isinstance(s, (int, float)) for s in stages
+        ):
+            raise ValueError(
+                f"{p}.stages must be a list of sparsities in (0, 1). Received: stages={stages!r}"
+            )
+        stages = tuple(float(s) for s in stages)
+        for s in stages:
+            if not 0 < s < 1:
+                raise ValueError(
+                    f"{p}.stages entries must be in (0, 1). Received: stages={list(stages)}"
+                )
+        for a, b in zip(stages, stages[1:], strict=False):
+            if not b > a:
+                raise ValueError(
+                    f"{p}.stages must be strictly increasing. Received: stages={list(stages)}"
+                )
+        if (
+            isinstance(self.epochs_per_stage, bool)
+            or not isinstance(self.epochs_per_stage, int)
+            or self.epochs_per_stage < 1
+        ):
+            raise ValueError(
+                f"{p}.epochs_per_stage must be an int >= 1. "
+                f"Received: epochs_per_stage={self.epochs_per_stage!r}"
+            )
+        object.__setattr__(self, "stages", stages)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.stages)
+
+    def to_dict(self) -> dict:
+        return {"stages": list(self.stages), "epochs_per_stage": self.epochs_per_stage}
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "recipe.guard") -> GuardOptions:
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
+        kw: dict[str, Any] = {}
+        if "stages" in d:
+            stages = d["stages"] if d["stages"] is not None else []
+            if not isinstance(stages, (list, tuple)):
+                raise ValueError(
+                    f"{path}.stages must be a list of sparsities in (0, 1). "
+                    f"Received: stages={stages!r}"
+                )
+            kw["stages"] = tuple(_number(s, f"{path}.stages") for s in stages)
+        if "epochs_per_stage" in d:
+            kw["epochs_per_stage"] = _number(
+                d["epochs_per_stage"], f"{path}.epochs_per_stage", kind=int
+            )
+        return cls(**kw)
+
+
+#: Methods whose pruning `recipe.guard` can run in stages, and those it cannot.
+GUARDED_METHODS = ("magnitude", "movement")
+_UNGUARDABLE = {
+    "structured": "it removes channels by rebuilding the model, so stage ratios would compound "
+    "on an already smaller model",
+    "lottery": "lottery runs its own pruning rounds (see recipe.lottery.rounds)",
+}
+_UNGUARDABLE_DEFAULT = (
+    "a guarded run may roll back to the baseline weights, which this method's deploy step "
+    "does not expect"
+)
+
+
 #: The pipeline's own recipe sections: key -> options class (with `from_dict(d, path)`,
 #: `to_dict()` and defaults for every field). Adding a section (e.g. `guard`) is one entry here.
 SECTIONS: dict[str, type] = {
     "finetune": FinetuneOptions,
     "export": ExportOptions,
+    "guard": GuardOptions,
 }
+
+
+def _check_guard(methods: tuple[str, ...], options: Mapping[str, Any], sections: Mapping) -> None:
+    """Refuses a `guard` the methods cannot run in stages, naming the fields involved."""
+    guard = sections.get("guard")
+    stages = tuple(getattr(guard, "stages", ()) or ())
+    if not stages:
+        return
+    for name in methods:
+        if name not in GUARDED_METHODS:
+            why = _UNGUARDABLE.get(name, _UNGUARDABLE_DEFAULT)
+            raise ValueError(
+                f"recipe.guard cannot be combined with method {name!r}: {why}. The guard runs "
+                f"{' or '.join(GUARDED_METHODS)} alone; remove recipe.guard.stages or {name!r}."
+            )
+    pruning = [m for m in methods if m in GUARDED_METHODS]
+    if not pruning:
+        raise ValueError(
+            f"recipe.guard.stages needs a pruning method ({' or '.join(GUARDED_METHODS)}) in "
+            f"recipe.methods. Received: methods={list(methods)}"
+        )
+    opts = options[pruning[0]]
+    if getattr(opts, "m_by_n", None) is not None:
+        raise ValueError(
+            f"recipe.guard.stages cannot be combined with recipe.{pruning[0]}.m_by_n "
+            f"(N:M fixes the sparsity at m/n). Remove one of them."
+        )
+    for pattern, override in (getattr(opts, "overrides", None) or {}).items():
+        if getattr(override, "target_sparsity", None) is not None:
+            raise ValueError(
+                f"recipe.guard.stages replaces target_sparsity, so "
+                f"recipe.{pruning[0]}.overrides.{pattern}.target_sparsity cannot be used with "
+                f"it. Remove one of them."
+            )
+    finetune = sections.get("finetune")
+    es = getattr(finetune, "early_stopping", None)
+    if getattr(es, "enabled", False):
+        raise ValueError(
+            "recipe.guard.stages cannot be combined with recipe.finetune.early_stopping.enabled "
+            "(each stage trains recipe.guard.epochs_per_stage epochs). Turn one of them off."
+        )
 
 
 def method_class(name: str, *, path: str = "recipe.methods") -> type:
@@ -359,6 +492,7 @@ class Recipe:
             )
         for key, cls in SECTIONS.items():
             sections.setdefault(key, cls())
+        _check_guard(methods, options, sections)
         object.__setattr__(self, "methods", methods)
         object.__setattr__(self, "method_options", MappingProxyType(options))
         object.__setattr__(self, "max_accuracy_drop", float(self.max_accuracy_drop))
@@ -371,6 +505,10 @@ class Recipe:
     @property
     def export(self) -> ExportOptions:
         return self.sections["export"]
+
+    @property
+    def guard(self) -> GuardOptions:
+        return self.sections["guard"]
 
     def section(self, key: str) -> Any:
         """Returns the options of pipeline section `key` (see `SECTIONS`)."""
@@ -528,6 +666,11 @@ _FIELD_COMMENTS = {
         "mixed_precision": "on | off (mixed_float16; output layer stays float32)",
         "early_stopping": "stop on validation accuracy",
         "seed": "random seed",
+    },
+    "guard": {
+        "stages": "[] = off; e.g. [0.3, 0.5, 0.7]: prune in stages, keep the last within "
+        "max_accuracy_drop",
+        "epochs_per_stage": "fine-tune epochs per stage (replaces finetune.epochs)",
     },
     "export": {
         "formats": "saved_model and/or tflite",

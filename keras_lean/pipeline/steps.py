@@ -660,6 +660,94 @@ class _Checkpoint:
         return Checkpoint()
 
 
+class PipelineFit:
+    """The `fit` handed to `Method.finetune` (the method contract's `FitFn`).
+
+    Calling it compiles the model with the recipe's optimizer, loss and XLA choice under the
+    run's strategy, and trains on the run's data: `fit(model, epochs=None, callbacks=(),
+    initial_epoch=0)`. A method that compiles and trains by itself (lottery) reads the same
+    settings from its attributes, so its training matches the pipeline's.
+
+    Attributes:
+        loss: the run's loss.
+        jit_compile: the run's XLA decision.
+        verbose: Keras progress output.
+    """
+
+    def __init__(
+        self,
+        *,
+        data,
+        learning_rate,
+        loss,
+        jit_compile,
+        batch_size,
+        epochs,
+        strategy,
+        tracker,
+        verbose,
+        keep_compiled=None,
+    ):
+        self._data = data
+        self._learning_rate = learning_rate
+        self._batch_size = batch_size
+        self._epochs = epochs
+        self._strategy = strategy
+        self._tracker = tracker
+        self._keep_compiled = keep_compiled
+        self.loss = loss
+        self.jit_compile = jit_compile
+        self.verbose = verbose
+
+    def optimizer(self):
+        """A fresh Adam at the recipe's learning rate."""
+        import keras
+
+        return keras.optimizers.Adam(self._learning_rate)
+
+    def scope(self):
+        """The run's distribution-strategy scope (create variables under it)."""
+        return self._strategy.scope()
+
+    def energy_window(self, name: str):
+        """Measures a block as an energy window nested in the stage's.
+
+        Returns a context manager yielding the `Window`; its `record` (energy_j, duration_s) is
+        set when the block ends.
+        """
+        return self._tracker.window(name)
+
+    def energy_callback(self):
+        """A Keras callback recording each epoch's energy (nested in the open window)."""
+        return self._tracker.callback()
+
+    def __call__(self, m, epochs=None, callbacks=(), initial_epoch=0):
+        import keras
+
+        if self._keep_compiled is not None and m is self._keep_compiled:
+            self._keep_compiled = None  # a resumed model keeps its restored optimizer state
+            m.jit_compile = self.jit_compile
+        else:
+            with self._strategy.scope():
+                m.compile(
+                    optimizer=self.optimizer(),
+                    loss=self.loss,
+                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                    jit_compile=self.jit_compile,
+                )
+        ds = self._data
+        return m.fit(
+            ds.x_train,
+            ds.y_train,
+            batch_size=self._batch_size,
+            epochs=epochs if epochs is not None else self._epochs,
+            validation_data=(ds.x_val, ds.y_val),
+            callbacks=list(callbacks),
+            initial_epoch=initial_epoch,
+            verbose=self.verbose,
+        )
+
+
 def finetune(
     out: str | os.PathLike | RunDir,
     *,
@@ -675,6 +763,11 @@ def finetune(
     trains (or the method that owns the loop, e.g. lottery, runs it). After every epoch the model
     is checkpointed atomically to `RUN/checkpoint.keras`; `resume=True` continues from it (the
     pruning step, masks and optimizer state included).
+
+    With `recipe.guard.stages`, the pruning method runs in stages instead (see
+    `keras_lean.pipeline.guard`): each stage is validated against the baseline's accuracy, the
+    last stage within `max_accuracy_drop` is kept (the baseline if none is), and every stage is
+    recorded under `details.guard`. Guarded runs are not checkpointed per epoch.
 
     Args:
         out: the run folder (must hold `baseline.keras` and `recipe.yaml`).
@@ -714,8 +807,12 @@ def finetune(
     methods = rec.ordered_methods()
     keras.utils.set_random_seed(ft.seed)
 
+    guard = rec.guard
     resumed_from = None
-    if resume and run.checkpoint.exists() and run.checkpoint_state.exists():
+    resume_note = None
+    if resume and guard.enabled:
+        resume_note = "recipe.guard runs restart from the first stage: started from the beginning"
+    elif resume and run.checkpoint.exists() and run.checkpoint_state.exists():
         state = json.loads(run.checkpoint_state.read_text())
         if state.get("recipe") != digest:
             raise ValueError(
@@ -723,6 +820,8 @@ def finetune(
                 f"without --resume to start over."
             )
         resumed_from = int(state["epoch"])
+    elif resume:
+        resume_note = "no checkpoint for this recipe: started from the beginning"
     with _stage(run, "finetune", manifest) as info:
         with strat.scope():
             if resumed_from is not None:
@@ -731,73 +830,60 @@ def finetune(
             else:
                 model = load_model(run.baseline)
                 check_data_against_model(ds, model, model_name=str(run.baseline))
+                if guard.enabled:
+                    # The stages are judged against the baseline as `validate` measures it.
+                    baseline_accuracy = _evaluate(model, ds, from_logits)
                 if ft.mixed_precision:
                     model = _with_mixed_precision(model)
-                for method in methods:
-                    model = method.prepare(model, ds, plan)
+                if not guard.enabled:  # the guard prepares each stage itself
+                    for method in methods:
+                        model = method.prepare(model, ds, plan)
                 method_reports = {m.name: m.report() for m in methods}
 
         jit = _jit_choice(
             run, rec, model, ds, plan, loss, strategy, strat, measure=resumed_from is None
         )
         state = {"recipe": digest, "methods": _jsonable(method_reports)}
-        compiled_by_resume = resumed_from is not None
+        fit = PipelineFit(
+            data=ds,
+            learning_rate=ft.learning_rate,
+            loss=loss,
+            jit_compile=jit.jit_compile,
+            batch_size=ft.batch_size,
+            epochs=ft.epochs,
+            strategy=strat,
+            tracker=info["tracker"],
+            verbose=verbose,
+            keep_compiled=model if resumed_from is not None else None,
+        )
 
-        def fit(m, epochs=None, callbacks=(), initial_epoch=0):
-            nonlocal compiled_by_resume
-            if compiled_by_resume and m is model:
-                compiled_by_resume = False  # keep the restored optimizer state
-                m.jit_compile = jit.jit_compile
-            else:
-                with strat.scope():
-                    m.compile(
-                        optimizer=keras.optimizers.Adam(ft.learning_rate),
-                        loss=loss,
-                        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                        jit_compile=jit.jit_compile,
-                    )
-            return m.fit(
-                ds.x_train,
-                ds.y_train,
-                batch_size=ft.batch_size,
-                epochs=epochs if epochs is not None else ft.epochs,
-                validation_data=(ds.x_val, ds.y_val),
-                callbacks=list(callbacks),
-                initial_epoch=initial_epoch,
-                verbose=verbose,
-            )
-
-        callbacks = [_Checkpoint(run, state)]
-        for method in methods:
-            callbacks.extend(method.callbacks(plan))
-        es = ft.early_stopping
-        if es.enabled:
-            start = 0
-            if es.after_pruning:
-                start = _pruning_end_epoch(method_reports, plan)
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_accuracy",
-                    mode="max",
-                    patience=es.patience,
-                    min_delta=es.min_delta,
-                    start_from_epoch=start,
-                )
-            )
-        owned = None
-        for method in methods:
-            owned = method.finetune(model, ds, plan, fit)
-            if owned is not None:
-                model = owned
-                break
         epochs_run = None
-        if owned is None:
-            history = fit(
+        guard_details = None
+        if guard.enabled:
+            from keras_lean.pipeline.guard import run_stages
+
+            outcome = run_stages(
                 model,
-                callbacks=[*callbacks, info["tracker"].callback()],
-                initial_epoch=resumed_from or 0,
+                methods[0],
+                ds,
+                guard=guard,
+                steps_per_epoch=plan.steps_per_epoch,
+                batch_size=ft.batch_size,
+                fit=fit,
+                evaluate=lambda m: _evaluate(m, ds, from_logits),
+                baseline_accuracy=baseline_accuracy,
+                max_accuracy_drop=rec.max_accuracy_drop,
+                energy_window=fit.energy_window,
+                callbacks=lambda: [fit.energy_callback()],
+                scope=fit.scope,
             )
-            epochs_run = len(history.history.get("loss", []))
+            model, methods = outcome.model, [outcome.method]
+            epochs_run = outcome.epochs_run
+            guard_details = outcome.to_dict()
+        else:
+            model, epochs_run = _train(
+                model, methods, ds, plan, fit, run, state, method_reports, ft, resumed_from
+            )
         info["accuracy"] = _evaluate(model, ds, from_logits)
         save_model_atomic(model, run.finetuned)
         for p in (run.checkpoint, run.checkpoint_state):
@@ -822,15 +908,49 @@ def finetune(
                 "replicas": int(strat.num_replicas_in_sync),
                 "epochs_run": epochs_run,
                 "resumed_from_epoch": resumed_from,
-                "resume_note": (
-                    "no checkpoint for this recipe: started from the beginning"
-                    if resume and resumed_from is None
-                    else None
-                ),
+                "resume_note": resume_note,
                 "plan": dataclasses.asdict(plan),
             }
         )
+        if guard_details is not None:
+            info["details"]["guard"] = _jsonable(guard_details)
     return StageResult("finetune", info["entry"], {"finetuned": str(run.finetuned)})
+
+
+def _train(model, methods, ds, plan, fit, run, state, method_reports, ft, resumed_from):
+    """One fit with checkpoints and early stopping, or the loop of a method that owns it.
+
+    Returns the trained model and the epochs run.
+    """
+    import keras
+
+    callbacks = [_Checkpoint(run, state)]
+    for method in methods:
+        callbacks.extend(method.callbacks(plan))
+    es = ft.early_stopping
+    if es.enabled:
+        start = 0
+        if es.after_pruning:
+            start = _pruning_end_epoch(method_reports, plan)
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy",
+                mode="max",
+                patience=es.patience,
+                min_delta=es.min_delta,
+                start_from_epoch=start,
+            )
+        )
+    for method in methods:
+        owned = method.finetune(model, ds, plan, fit)
+        if owned is not None:
+            return owned, method.report().get("epochs_run")
+    history = fit(
+        model,
+        callbacks=[*callbacks, fit.energy_callback()],
+        initial_epoch=resumed_from or 0,
+    )
+    return model, len(history.history.get("loss", []))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -986,6 +1106,7 @@ def deploy(
     manifest = run.read_manifest()
     ds = _load_run_data(run, manifest, None if data is None else str(data), val_split)
     methods = rec.ordered_methods()
+    before = {m.name: _jsonable(m.report()) for m in methods}
     with _stage(run, "deploy", manifest) as info:
         finetuned = load_model(run.finetuned)
         model = _as_float32(_finalize(finetuned, methods))
@@ -1009,7 +1130,7 @@ def deploy(
                 )
             details = {
                 "export": _relative(report.to_dict(), tmp, run.export_dir),
-                "methods": {m.name: m.report() for m in methods},
+                "methods": _deploy_method_reports(run, methods, before),
             }
             if baseline_report is not None:
                 details["baseline_export"] = _relative(
@@ -1039,6 +1160,26 @@ def deploy(
     if "tflite" in opts.formats:
         artifacts["tflite"] = str(run.export_dir / "model.tflite")
     return StageResult("deploy", info["entry"], artifacts)
+
+
+def _deploy_method_reports(run: RunDir, methods: Sequence, before: dict) -> dict:
+    """Each method's report at deploy, completed with what it recorded at finetune.
+
+    Deploy builds fresh method instances, which know only their options and what their
+    `finalize` just found; the rest (per-layer widths, lottery rounds, schedules) was recorded
+    in the finetune entry of `report.json`. What finalize set or changed wins.
+    """
+    recorded: dict = {}
+    for entry in run.read_report():
+        if entry.get("stage") == "finetune":
+            recorded = (entry.get("details") or {}).get("methods") or {}
+    out = {}
+    for m in methods:
+        now = _jsonable(m.report())
+        old = before.get(m.name, {})
+        learned = {k: v for k, v in now.items() if k not in old or old[k] != v}
+        out[m.name] = {**now, **(recorded.get(m.name) or {}), **learned}
+    return out
 
 
 def _relative(d: dict, tmp: Path, final: Path) -> dict:
@@ -1241,7 +1382,78 @@ class RunReport:
             f"total: {summ['duration_s']:.1f} s, {summ['energy_j']:.1f} J, "
             f"{summ['emissions_kg'] * 1000:.3f} g CO2e"
         )
-        return "\n".join([*lines, "", *extra])
+        return "\n".join([*lines, "", *extra, *self._detail_tables()])
+
+    def _detail_tables(self) -> list[str]:
+        """Guard stages, lottery rounds and structured widths, when the run has them."""
+        by = {s["stage"]: s for s in self.stages}
+        ft = (by.get("finetune") or {}).get("details") or {}
+        methods = dict(ft.get("methods") or {})
+        # Deploy's reports carry the finetune record plus what finalize found.
+        methods.update(((by.get("deploy") or {}).get("details") or {}).get("methods") or {})
+        out: list[str] = []
+        guard = ft.get("guard")
+        if isinstance(guard, dict) and guard.get("stages"):
+            out += [
+                "",
+                f"guard stages (baseline accuracy {guard['baseline_accuracy']:.4f}, "
+                f"max_accuracy_drop {guard['max_accuracy_drop']:g}):",
+            ]
+            rows = [
+                (
+                    str(r["stage"]),
+                    f"{r['target_sparsity']:g}",
+                    _fmt(r.get("sparsity"), "{:.1%}"),
+                    _fmt(r.get("val_accuracy"), "{:.4f}"),
+                    _fmt(r.get("accuracy_drop"), "{:+.4f}"),
+                    _fmt(r.get("energy_j"), "{:.1f}"),
+                    "kept" if r.get("kept") else ("ok" if r.get("within_budget") else "over"),
+                )
+                for r in guard["stages"]
+            ]
+            out += _text_table(
+                ("stage", "target", "sparsity", "val acc", "drop", "energy J", "status"), rows
+            )
+            out.append(f"kept: {guard.get('reason', '')}")
+        lottery = methods.get("lottery")
+        if isinstance(lottery, dict) and lottery.get("rounds"):
+            out += [
+                "",
+                f"lottery rounds (rewind_step {lottery.get('rewind_step')}, "
+                f"scope {lottery.get('scope')}):",
+            ]
+            rows = [
+                (
+                    str(r["index"]),
+                    _fmt(r.get("sparsity"), "{:.1%}"),
+                    _fmt(r.get("val_accuracy"), "{:.4f}"),
+                    _fmt(r.get("energy_j"), "{:.1f}"),
+                    _fmt(r.get("duration_s"), "{:.1f}"),
+                )
+                for r in lottery["rounds"]
+            ]
+            out += _text_table(("round", "sparsity", "val acc", "energy J", "time s"), rows)
+        structure = (methods.get("structured") or {}).get("structure")
+        if isinstance(structure, dict) and structure.get("layers"):
+            widths = [
+                f"{r['name']} {r['width_before']}->{r['width_after']}"
+                for r in structure["layers"]
+                if r.get("width_before") is not None and r.get("width_after") != r["width_before"]
+            ]
+            out += ["", "structured widths: " + (", ".join(widths) or "unchanged")]
+        return out
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  " + "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    for r in rows:
+        lines.append("  " + "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+    return lines
 
 
 def report(out: str | os.PathLike | RunDir) -> RunReport:

@@ -352,19 +352,39 @@ class SparsityReport:
         return dataclasses.asdict(self)
 
 
+def _nested_wrappers(layer) -> list[PruneLowMagnitude]:
+    """Wrappers at any depth inside `layer` (e.g. under `TimeDistributed` or a custom layer)."""
+    return [
+        sub
+        for sub in layer._flatten_layers(include_self=False, recursive=True)
+        if isinstance(sub, PruneLowMagnitude)
+    ]
+
+
 def _model_weight_arrays(model) -> list[np.ndarray]:
-    out = []
-    for layer in _iter_layers(model):
-        if isinstance(layer, PruneLowMagnitude):
-            pairs = zip(layer.pruned_weights, layer.mask_variables, strict=True)
-            masked = {id(w.variable): m for w, m in pairs}
-            for v in layer.layer.weights:
-                arr = np.asarray(v.numpy())
-                if id(v) in masked:
-                    arr = arr * np.asarray(masked[id(v)].numpy(), arr.dtype)
-                out.append(arr)
-        else:
-            out.extend(np.asarray(v.numpy()) for v in layer.weights)
+    """The model's real weights (pruned ones masked), in `model.weights` order.
+
+    A wrapper's own variables (pruning step, masks, movement scores and previous-weight
+    snapshots) are bookkeeping, not weights of the deployed model: everything a wrapper holds
+    beyond its inner layer's weights is left out, wherever the wrapper sits in the model.
+    """
+    wrappers = [*(_wrappers(model)), *_nested_wrappers(model)]
+    bookkeeping: set[int] = set()
+    masked: dict[int, Any] = {}
+    for wrapper in wrappers:
+        inner = {id(v) for v in wrapper.layer.weights}
+        bookkeeping.update(id(v) for v in wrapper.weights if id(v) not in inner)
+        for w, m in zip(wrapper.pruned_weights, wrapper.mask_variables, strict=True):
+            masked[id(w.variable)] = m
+    out, seen = [], set()
+    for v in model.weights:
+        if id(v) in bookkeeping or id(v) in seen:
+            continue
+        seen.add(id(v))
+        arr = np.asarray(v.numpy())
+        if id(v) in masked:
+            arr = arr * np.asarray(masked[id(v)].numpy(), arr.dtype)
+        out.append(arr)
     return out
 
 
@@ -382,7 +402,12 @@ def sparsity_report(model) -> SparsityReport:
     """
     _check_keras3(model, "model")
     rows = []
+    layers = []
     for layer in _iter_layers(model):
+        layers.append(layer)
+        if not isinstance(layer, PruneLowMagnitude) and not is_prunable(layer):
+            layers.extend(_nested_wrappers(layer))
+    for layer in layers:
         if isinstance(layer, PruneLowMagnitude):
             arrays = [
                 np.asarray(w.variable.numpy()) * np.asarray(m.numpy())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import keras
@@ -240,6 +241,7 @@ def prune_structured(
     _check_model(model)
     _check_args(ratio, importance, round_to, min_channels)
     graph = build_graph(model, exclude)
+    _warn_if_nothing_prunable(graph, ratio)
     scores = unit_scores(
         graph,
         importance,
@@ -257,6 +259,20 @@ def prune_structured(
         global_ranking=global_ranking,
     )
     return rebuild(model, graph, pruned)
+
+
+def _warn_if_nothing_prunable(graph: DependencyGraph, ratio: float = 1.0) -> None:
+    """Warns when no unit of `graph` may be removed, so a no-op is never silent."""
+    if ratio == 0 or any(any(g.prunable) for g in graph.groups):
+        return
+    skipped = "; ".join(f"{s.name}: {s.reason}" for s in graph.skipped[:6])
+    more = f" (+{len(graph.skipped) - 6} more)" if len(graph.skipped) > 6 else ""
+    warnings.warn(
+        f"Structured pruning of {graph.model.name!r} removes nothing: none of its channel groups "
+        f"can be pruned. Skipped layers: {skipped or 'none'}{more}. A model nested as a layer "
+        "is analysed only at its boundary: prune the inner model itself.",
+        stacklevel=3,
+    )
 
 
 # -- gradual -----------------------------------------------------------------------------------
@@ -346,6 +362,7 @@ def prune_structured_gradually(
     _check_args(0.0, importance, round_to, min_channels)
     schedule = as_schedule(pruning_schedule)
     graph = build_graph(model, exclude)
+    _warn_if_nothing_prunable(graph)
     scores = unit_scores(
         graph,
         importance,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 import pytest
 import yaml
 
 from keras_lean.lowrank import lora_layers
-from keras_lean.pipeline import configure, deploy, finetune, validate
+from keras_lean.pipeline import configure, deploy, finetune, report, validate
 from keras_lean.pipeline.rundir import RunDir
 
 
@@ -44,3 +43,8 @@ def test_structured_then_lora_shrinks_merges_and_trains_only_adapters(trained_ru
     assert plain.count_params() < 0.4 * baseline.count_params()
     # The deployed model still classifies.
     assert d.entry["accuracy"] > 0.5
+    # Deploy's fresh method instances still report the widths recorded at finetune.
+    structure = d.entry["details"]["methods"]["structured"]["structure"]
+    after = {r["name"]: r["width_after"] for r in structure["layers"]}
+    assert after["conv1"] == 16 and after["dense1"] == 64
+    assert "structured widths: conv1 32->16" in report(run).table()

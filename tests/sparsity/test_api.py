@@ -324,3 +324,34 @@ def test_sparsity_matches_tfmot_twin_at_every_pruning_step():
     # the schedule actually moved the sparsity at the pruning steps
     assert ours[pruning_steps[0]]["hidden"] < ours[pruning_steps[-1]]["hidden"]
     assert ours[31]["hidden"] == pytest.approx(0.85 * 144 * 24, abs=1)
+
+
+def test_sparsity_report_counts_only_real_weights_of_nested_movement_wrappers():
+    # A wrapper inside a container that is not a model (TimeDistributed): its pruning step,
+    # masks, movement scores and previous-weight snapshots are bookkeeping, not weights.
+    inputs = keras.Input((3, 8))
+    wrapped = prune_low_magnitude(
+        keras.layers.Dense(16, name="inner"),
+        ConstantSparsity(0.5, frequency=1),
+        criterion="movement",
+    )
+    x = keras.layers.TimeDistributed(wrapped, name="td")(inputs)
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.random((32, 3, 8)), rng.random((32, 4)), epochs=2, verbose=0)
+    assert wrapped.score_variables  # the bookkeeping exists...
+    report = sparsity_report(model)
+    real = (8 * 16 + 16) + (48 * 4 + 4)
+    assert report.total_params == real  # ...and is not counted
+    assert report.raw_bytes == 4 * real
+    kernel = np.asarray(wrapped.layer.kernel.numpy()) * np.asarray(wrapped.mask_variables[0])
+    assert [r.name for r in report.layers] == ["inner", "head"]
+    assert report.layers[0].nonzero == np.count_nonzero(kernel)
+    expected_nonzero = (
+        np.count_nonzero(kernel)
+        + np.count_nonzero(wrapped.layer.bias.numpy())
+        + sum(np.count_nonzero(w) for w in model.get_layer("head").get_weights())
+    )
+    assert report.nonzero_params == expected_nonzero

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -87,3 +88,16 @@ def test_export_savedmodel_and_tflite(tmp_path):
     interpreter.invoke()
     out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_prunable_warns_and_names_the_skipped_layers():
+    inner = keras.Sequential([keras.Input((8,)), L.Dense(6, name="inner_d")], name="inner")
+    inputs = keras.Input((8,))
+    wrapped = keras.Model(inputs, inner(inputs), name="wrapped")
+    with pytest.warns(UserWarning, match=r"'wrapped' removes nothing.*inner: nested model"):
+        small = prune_structured(wrapped, 0.5)
+    assert small.count_params() == wrapped.count_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_structured(wrapped, 0.0)  # ratio 0 asks for nothing: no warning
+        prune_structured(sequential_cnn(), 0.5)  # something pruned: no warning

@@ -64,6 +64,8 @@ class Data:
 
 # fit(model, epochs=None, callbacks=(), initial_epoch=0) -> keras.callbacks.History; compiles the
 # model with the recipe's optimizer/loss/jit settings and the run's strategy, and trains on `data`.
+# The pipeline passes a `steps.PipelineFit`: a method that runs its own loop (lottery) also reads
+# `fit.optimizer()`, `fit.loss`, `fit.jit_compile`, `fit.scope()` and `fit.energy_window(name)`.
 FitFn = Callable[..., Any]
 
 

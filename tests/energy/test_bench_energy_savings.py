@@ -1,0 +1,66 @@
+"""scripts/bench_energy_savings.py: the ratio arithmetic (fast) and a --quick run (about 6 s)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_energy_savings.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_energy_savings", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arm(energy_j, acc, nonzero=100):
+    return {
+        "energy_j": energy_j,
+        "wall_s": energy_j / 10,
+        "fit_s": energy_j / 20,
+        "fit_energy_j": energy_j / 2,
+        "val_accuracy": acc,
+        "trainable_params": 7,
+        "deployed_params": 100,
+        "deployed_nonzero": nonzero,
+    }
+
+
+def test_summary_uses_paired_per_seed_ratios():
+    script = _load_script()
+    per_seed = []
+    for scale in (1.0, 2.0, 4.0):  # a drifting machine: every arm of a seed costs `scale` x
+        seed = {arm: _arm(100.0 * scale, 0.90) for arm in script.ARMS}
+        seed["lora"] = _arm(60.0 * scale, 0.891)
+        per_seed.append(seed)
+    rows = script.summarize(per_seed)
+    assert rows["dense"]["energy_ratio"] == pytest.approx(1.0)
+    assert rows["lora"]["energy_ratios"] == pytest.approx([0.6, 0.6, 0.6])
+    assert rows["lora"]["energy_ratio"] == pytest.approx(0.6)
+    assert rows["lora"]["accuracy_share"] == pytest.approx(0.99)
+    assert rows["lora"]["drop_points"] == pytest.approx(0.9)
+
+
+def test_quick_run_measures_every_arm(capsys):
+    result = _load_script().main(["--quick"])
+    out = capsys.readouterr().out
+    assert set(result["rows"]) == {
+        "dense",
+        "magnitude-80%",
+        "lora",
+        "structured50+lora",
+        "structured50",
+    }
+    for arm, row in result["rows"].items():
+        assert row["energy_j"] > 0, arm
+        assert 0.0 <= row["val_accuracy"] <= 1.0, arm
+    rows = result["rows"]
+    assert rows["structured50"]["deployed_params"] < rows["dense"]["deployed_params"]
+    assert rows["lora"]["deployed_params"] == rows["dense"]["deployed_params"]  # merged
+    assert rows["magnitude-80%"]["deployed_nonzero"] < 0.5 * rows["dense"]["deployed_nonzero"]
+    assert rows["lora"]["trainable_params"] < rows["dense"]["trainable_params"]
+    assert "| arm |" in out and "not expected to save training energy" in out
