@@ -99,3 +99,12 @@ class Method:
 
     def report(self) -> dict:
         return {}
+
+
+def classification_loss(model: keras.Model):
+    """Sparse cross-entropy matching the model's last activation (logits or probabilities)."""
+    import keras
+
+    last = model.layers[-1]
+    act = getattr(getattr(last, "activation", None), "__name__", "linear")
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=act != "softmax")

@@ -27,8 +27,8 @@ import dataclasses
 import fnmatch
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method
-from keras_lean.pipeline.methods.magnitude import _patterns, _walk
+from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method, classification_loss
+from keras_lean.pipeline.methods.magnitude import _patterns, _walk, strip_and_measure
 from keras_lean.pipeline.recipe import _number, check_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -241,7 +241,7 @@ class LotteryMethod(Method):
         self.check_plan(plan)
         filters = self._filters(model)
         optimizer = getattr(fit, "optimizer", None) or (lambda: keras.optimizers.Adam(1e-3))
-        loss = getattr(fit, "loss", None) or _classification_loss(model)
+        loss = getattr(fit, "loss", None) or classification_loss(model)
         compile_kwargs = {}
         if getattr(fit, "jit_compile", None) is not None:
             compile_kwargs["jit_compile"] = bool(fit.jit_compile)
@@ -292,14 +292,7 @@ class LotteryMethod(Method):
         return result.model
 
     def finalize(self, model: keras.Model) -> keras.Model:
-        from keras_lean.sparsity import sparsity_report, strip_pruning
-
-        stripped = strip_pruning(model)
-        rep = sparsity_report(stripped)
-        self._final = {
-            "sparsity": rep.sparsity,
-            "layers": {row.name: row.sparsity for row in rep.layers},
-        }
+        stripped, self._final = strip_and_measure(model)
         return stripped
 
     def report(self) -> dict:
@@ -312,12 +305,3 @@ class LotteryMethod(Method):
         if self._final is not None:
             out["final"] = self._final
         return out
-
-
-def _classification_loss(model: keras.Model):
-    """Sparse cross-entropy matching the model's last activation (logits or probabilities)."""
-    import keras
-
-    last = model.layers[-1]
-    act = getattr(getattr(last, "activation", None), "__name__", "linear")
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=act != "softmax")

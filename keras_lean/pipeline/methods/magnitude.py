@@ -476,14 +476,7 @@ class MagnitudeMethod(Method):
         return prune_low_magnitude(model, filters=filters)
 
     def finalize(self, model: keras.Model) -> keras.Model:
-        from keras_lean.sparsity import sparsity_report, strip_pruning
-
-        stripped = strip_pruning(model)
-        rep = sparsity_report(stripped)
-        self._final = {
-            "sparsity": rep.sparsity,
-            "layers": {row.name: row.sparsity for row in rep.layers},
-        }
+        stripped, self._final = strip_and_measure(model)
         return stripped
 
     def report(self) -> dict:
@@ -526,3 +519,16 @@ def _walk(model) -> list:
         else:
             out.append(layer)
     return out
+
+
+def strip_and_measure(model: keras.Model) -> tuple[keras.Model, dict]:
+    """Strips the pruning wrappers; returns the plain model and its measured sparsity (total and
+    per layer), the `final` entry of a pruning method's report."""
+    from keras_lean.sparsity import sparsity_report, strip_pruning
+
+    stripped = strip_pruning(model)
+    rep = sparsity_report(stripped)
+    return stripped, {
+        "sparsity": rep.sparsity,
+        "layers": {row.name: row.sparsity for row in rep.layers},
+    }

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 # Imported for its registrations: a fine-tuned model holding the gradual mask layers must load
 # (`keras.models.load_model`, no custom_objects) wherever this method is resolved, e.g. at deploy.
 import keras_lean.structured.masks  # noqa: F401
-from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method
+from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method, classification_loss
 from keras_lean.pipeline.methods.magnitude import ScheduleOptions
 from keras_lean.pipeline.recipe import _number, check_keys
 
@@ -178,7 +178,7 @@ class StructuredMethod(Method):
         )
         if o.importance == "taylor":
             kwargs["data"] = (data.x_train, data.y_train)
-            kwargs["loss"] = _classification_loss(model)
+            kwargs["loss"] = classification_loss(model)
         if o.mode == "oneshot":
             return prune_structured(model, o.ratio, o.importance, **kwargs)
         return prune_structured_gradually(model, self._schedule(plan), o.importance, **kwargs)
@@ -200,12 +200,3 @@ class StructuredMethod(Method):
         if self._report is not None:
             out["structure"] = self._report
         return out
-
-
-def _classification_loss(model: keras.Model):
-    """Sparse cross-entropy matching the model's last activation (logits or probabilities)."""
-    import keras
-
-    last = model.layers[-1]
-    act = getattr(getattr(last, "activation", None), "__name__", "linear")
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=act != "softmax")
