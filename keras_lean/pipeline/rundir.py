@@ -11,7 +11,8 @@ Layout of `RUN/` (default `savedmodels/<run-name>/`)::
     finetuned.keras      step 3 (`finetune`)
     validation.json      step 4 (`validate`)
     export/              step 5 (`deploy`): saved_model/, model.tflite, baseline.tflite, deploy.json
-    energy/<stage>/      energy.json and energy.csv of each stage
+    energy/<stage>/      energy.json and energy.csv of each stage's last successful run
+    energy/<stage>.failed/  the same for the last failed attempt (the energy it spent)
     report.json          one entry per stage (what `keras-lean report` prints)
 
 Every file is written to a temporary name in the same folder and renamed into place, so an

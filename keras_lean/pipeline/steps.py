@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -120,12 +121,12 @@ class RunResult:
 # Shared helpers
 
 
-def _tracker(run: RunDir, stage: str, manifest: dict):
+def _tracker(run: RunDir, output_dir: Path, manifest: dict):
     from keras_lean.energy import EnergyTracker
 
     energy = manifest.get("energy", {})
     return EnergyTracker(
-        run.energy_dir(stage),
+        output_dir,
         carbon_intensity=energy.get("carbon_intensity", 475.0),
         pue=energy.get("pue", 1.0),
         cpu_tdp_w=energy.get("cpu_tdp_w"),
@@ -138,33 +139,45 @@ def _stage(run: RunDir, stage: str, manifest: dict, flops: float | None = None) 
     """Runs the block inside an energy window; on success records the stage in report.json.
 
     The block fills the yielded dict (accuracy, sizes, details, flops); nothing is recorded if
-    the block raises, so a failed stage leaves the report as it was.
+    the block raises, so a failed stage leaves the report as it was. The energy files follow the
+    same rule: they are written to a temporary folder that replaces `energy/<stage>/` only on
+    success; a failed attempt's records (the energy it spent) go to `energy/<stage>.failed/`,
+    and the last successful run's `energy/<stage>/` stays as it was.
     """
     info: dict[str, Any] = {}
-    with _tracker(run, stage, manifest) as tracker:
-        info["tracker"] = tracker
-        with tracker.window(stage, flops=flops) as window:
-            yield info
-            if info.get("flops") is not None:
-                window.flops = float(info["flops"])
-    rec = window.record
-    entry = {
-        "stage": stage,
-        "started_at": rec.start_time,
-        "duration_s": rec.duration_s,
-        "energy_j": rec.energy_j,
-        "energy_kwh": rec.energy_kwh,
-        "energy_method": rec.method,
-        "emissions_kg": rec.emissions_kg,
-        "flops": rec.flops,
-        "accuracy": info.get("accuracy"),
-        "params": info.get("params"),
-        "nonzero_params": info.get("nonzero_params"),
-        "gzip_bytes": info.get("gzip_bytes"),
-        "details": info.get("details", {}),
-    }
-    run.record_stage(entry)
-    info["entry"] = entry
+    final = run.energy_dir(stage)
+    with atomic_directory(final) as tmp:
+        try:
+            with _tracker(run, tmp, manifest) as tracker:
+                info["tracker"] = tracker
+                with tracker.window(stage, flops=flops) as window:
+                    yield info
+                    if info.get("flops") is not None:
+                        window.flops = float(info["flops"])
+        except BaseException:
+            failed = final.with_name(f"{stage}.failed")
+            with contextlib.suppress(OSError):  # never hide the stage's own error
+                with atomic_directory(failed) as keep:
+                    shutil.copytree(tmp, keep, dirs_exist_ok=True)
+            raise
+        rec = window.record
+        entry = {
+            "stage": stage,
+            "started_at": rec.start_time,
+            "duration_s": rec.duration_s,
+            "energy_j": rec.energy_j,
+            "energy_kwh": rec.energy_kwh,
+            "energy_method": rec.method,
+            "emissions_kg": rec.emissions_kg,
+            "flops": rec.flops,
+            "accuracy": info.get("accuracy"),
+            "params": info.get("params"),
+            "nonzero_params": info.get("nonzero_params"),
+            "gzip_bytes": info.get("gzip_bytes"),
+            "details": info.get("details", {}),
+        }
+        run.record_stage(entry)
+        info["entry"] = entry
 
 
 def _forward_flops(model: keras.Model) -> int | None:
@@ -840,8 +853,8 @@ def finetune(
                         model = method.prepare(model, ds, plan)
                 method_reports = {m.name: m.report() for m in methods}
 
-        jit = _jit_choice(
-            run, rec, model, ds, plan, loss, strategy, strat, measure=resumed_from is None
+        jit, probe = _jit_choice(
+            run, rec, model, ds, plan, loss, strategy, strat, info["tracker"], resumed_from is None
         )
         state = {"recipe": digest, "methods": _jsonable(method_reports)}
         fit = PipelineFit(
@@ -903,6 +916,7 @@ def finetune(
             {
                 "methods": method_reports,
                 "jit_compile": jit.to_dict(),
+                "jit_probe": probe,
                 "mixed_precision": ft.mixed_precision,
                 "strategy": strategy,
                 "replicas": int(strat.num_replicas_in_sync),
@@ -969,11 +983,18 @@ def _pruning_end_epoch(method_reports: dict, plan: FinetunePlan) -> int:
     return end
 
 
-def _jit_choice(run, rec, model, ds, plan, loss, strategy, strat, measure) -> JitDecision:
+def _jit_choice(
+    run, rec, model, ds, plan, loss, strategy, strat, tracker, measure
+) -> tuple[JitDecision, dict | None]:
+    """The XLA decision, and the energy record of measuring it (None when nothing was measured).
+
+    The measurement runs in its own `jit_probe` window inside the finetune stage's, so its cost is
+    counted in the stage (it was spent) and shown apart (it is paid once per run folder).
+    """
     mode = rec.finetune.jit_compile
     if mode in ("on", "off"):
         on = mode == "on"
-        return JitDecision(on, 0.0, None, 0.0, None, f"recipe: jit_compile: {mode}")
+        return JitDecision(on, 0.0, None, 0.0, None, f"recipe: jit_compile: {mode}"), None
     key = {
         "batch_size": rec.finetune.batch_size,
         "strategy": strategy,
@@ -985,16 +1006,18 @@ def _jit_choice(run, rec, model, ds, plan, loss, strategy, strat, measure) -> Ji
         cached = json.loads(run.jit_decision.read_text())
         if cached.get("key") == key:
             d = cached["decision"]
-            return JitDecision(**{**d, "reason": f"cached: {d['reason']}"})
+            return JitDecision(**{**d, "reason": f"cached: {d['reason']}"}), None
     if not measure:
         # Measuring recompiles the model, which would drop a resumed optimizer state.
-        return JitDecision(False, 0.0, None, 0.0, None, "resumed without a cached decision")
-    with strat.scope():
+        decision = JitDecision(False, 0.0, None, 0.0, None, "resumed without a cached decision")
+        return decision, None
+    with tracker.window("jit_probe") as window, strat.scope():
         decision = decide_jit_compile(
             model, ds, batch_size=rec.finetune.batch_size, total_steps=plan.total_steps, loss=loss
         )
     atomic_write_json(run.jit_decision, {"key": key, "decision": decision.to_dict()})
-    return decision
+    rec_ = window.record
+    return decision, {"duration_s": rec_.duration_s, "energy_j": rec_.energy_j}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1385,7 +1408,7 @@ class RunReport:
         return "\n".join([*lines, "", *extra, *self._detail_tables()])
 
     def _detail_tables(self) -> list[str]:
-        """Guard stages, lottery rounds and structured widths, when the run has them."""
+        """Guard stages, lottery rounds, structured widths and the XLA probe, where present."""
         by = {s["stage"]: s for s in self.stages}
         ft = (by.get("finetune") or {}).get("details") or {}
         methods = dict(ft.get("methods") or {})
@@ -1441,6 +1464,14 @@ class RunReport:
                 if r.get("width_before") is not None and r.get("width_after") != r["width_before"]
             ]
             out += ["", "structured widths: " + (", ".join(widths) or "unchanged")]
+        probe, jit = ft.get("jit_probe"), ft.get("jit_compile") or {}
+        if isinstance(probe, dict):
+            out += [
+                "",
+                f"jit_compile auto: measured XLA {'on' if jit.get('jit_compile') else 'off'} in "
+                f"{probe['duration_s']:.1f} s, {probe['energy_j']:.1f} J (inside the finetune "
+                "stage; later fine-tunes of this run folder reuse the decision)",
+            ]
         return out
 
 

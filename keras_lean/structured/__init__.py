@@ -24,6 +24,7 @@ from keras_lean.structured.api import (
     structure_report,
 )
 from keras_lean.structured.graph import ChannelGroup, DependencyGraph, SkippedLayer, build_graph
+from keras_lean.structured.hardware import resolve_round_to, simd_lanes
 from keras_lean.structured.importance import IMPORTANCE_CRITERIA, unit_scores
 from keras_lean.structured.masks import (
     ChannelMask,
@@ -46,8 +47,10 @@ __all__ = [
     "keep_count",
     "prune_structured",
     "prune_structured_gradually",
+    "resolve_round_to",
     "select_units",
     "shrink",
+    "simd_lanes",
     "structure_report",
     "unit_scores",
 ]

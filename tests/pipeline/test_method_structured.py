@@ -76,10 +76,11 @@ def test_gradual_prepare_fit_finalize_shrinks(digits, importance):
 def test_oneshot_prepare_is_small_and_finalize_keeps_it(digits):
     data = _data(digits)
     plan = FinetunePlan(epochs=1, steps_per_epoch=8, batch_size=32)
-    method = StructuredMethod(StructuredOptions(ratio=0.25, mode="oneshot"))
+    method = StructuredMethod(StructuredOptions.from_dict({"ratio": 0.25, "mode": "oneshot"}))
     model = _cnn()
     small = method.prepare(model, data, plan)
     assert small.count_params() < model.count_params()
+    assert method.report()["round_to"] == 1
     _fit(small, data, plan)
     final = method.finalize(small)
     assert final.count_params() == small.count_params()
@@ -93,6 +94,7 @@ def test_oneshot_prepare_is_small_and_finalize_keeps_it(digits):
         ({"importance": "l3"}, r"structured\.importance must be one of"),
         ({"mode": "fast"}, r"structured\.mode must be one of gradual, oneshot"),
         ({"round_to": 0}, r"structured\.round_to must be an integer >= 1"),
+        ({"round_to": "fast"}, r'structured\.round_to must be an integer >= 1 or "auto"'),
         ({"exclude": [1]}, r"structured\.exclude must be a list"),
         ({"schedule": {"kind": "cubic"}}, r"structured\.schedule\.kind must be one of"),
         ({"schedule": {"bogus": 1}}, r"structured\.schedule\.bogus"),
@@ -104,6 +106,7 @@ def test_oneshot_prepare_is_small_and_finalize_keeps_it(digits):
         "importance",
         "mode",
         "round_to",
+        "round_to-word",
         "exclude",
         "schedule-kind",
         "schedule-key",
@@ -119,3 +122,16 @@ def test_options_round_trip():
     options = StructuredOptions.from_dict({"ratio": 0.3, "exclude": "logits", "mode": "oneshot"})
     assert StructuredOptions.from_dict(options.to_dict()) == options
     assert options.exclude == ("logits",)
+
+
+def test_round_to_auto_resolves_to_this_cpus_lanes_and_is_reported(digits, monkeypatch):
+    import keras_lean.structured.hardware as hardware
+
+    monkeypatch.setattr(hardware, "simd_lanes", lambda: 4)
+    options = StructuredOptions.from_dict({"ratio": 0.7, "mode": "oneshot", "round_to": "Auto"})
+    assert options.round_to == "auto" and StructuredOptions.from_dict(options.to_dict()) == options
+    method = StructuredMethod(options)
+    small = method.prepare(_cnn(), _data(digits), FinetunePlan(1, 8, 32))
+    widths = [layer.filters for layer in small.layers if isinstance(layer, L.Conv2D)]
+    assert widths == [8, 8]  # 16 * 0.3 = 4.8 -> keep 5 -> rounded up to 8
+    assert method.report()["round_to"] == 4

@@ -131,20 +131,38 @@ def test_validate_fails_the_gate_for_a_worse_model(trained_run):
 def test_failed_stage_leaves_earlier_files_intact(trained_run, monkeypatch):
     run = RunDir(trained_run)
     _configure_tiny(run)
-    before = run.baseline.read_bytes(), run.recipe.read_bytes(), run.report_file.read_text()
+    energy_file = run.energy_dir("configure") / "energy.json"
+    before = (
+        run.baseline.read_bytes(),
+        run.recipe.read_bytes(),
+        run.report_file.read_text(),
+        energy_file.read_text(),
+    )
 
     def boom(*a, **k):
-        raise RuntimeError("crash in the middle of fine-tuning")
+        raise RuntimeError("crash in the middle of the stage")
 
     monkeypatch.setattr(keras.Model, "fit", boom)
     with pytest.raises(RuntimeError, match="crash in the middle"):
         finetune(run, verbose=0)
-    assert (
+    assert not run.finetuned.exists()
+    # A configure that fails after a good one keeps the good one's energy record; the failed
+    # attempt's spent energy is kept beside it.
+    monkeypatch.setattr(steps_mod, "recipe_to_yaml", boom)
+    with pytest.raises(RuntimeError, match="crash in the middle"):
+        _configure_tiny(run)
+    after = (
         run.baseline.read_bytes(),
         run.recipe.read_bytes(),
         run.report_file.read_text(),
-    ) == before
-    assert not run.finetuned.exists()
+        energy_file.read_text(),
+    )
+    assert after == before
+    failed_dir = run.energy_dir("configure").with_name("configure.failed")
+    failed = json.loads((failed_dir / "energy.json").read_text())
+    assert [r["name"] for r in failed["records"]] == ["configure"]
+    assert not run.energy_dir("finetune").exists()
+    assert (run.energy_dir("finetune").with_name("finetune.failed") / "energy.json").exists()
 
 
 def test_resume_after_an_interruption(trained_run, monkeypatch):
@@ -214,11 +232,17 @@ def test_jit_auto_measures_restores_weights_and_caches(trained_run):
     assert isinstance(d.jit_compile, bool)
     for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    finetune(run, verbose=0)
+    first = finetune(run, verbose=0)
     cached = json.loads(run.jit_decision.read_text())
     assert cached["key"]["batch_size"] == 32
+    probe = first.entry["details"]["jit_probe"]
+    assert 0 < probe["duration_s"] < first.entry["duration_s"]
+    records = json.loads((run.energy_dir("finetune") / "energy.json").read_text())["records"]
+    assert [r["parent"] for r in records if r["name"] == "jit_probe"] == ["finetune"]
+    assert "jit_compile auto: measured XLA" in report(run).table()
     second = finetune(run, verbose=0)
     assert second.entry["details"]["jit_compile"]["reason"].startswith("cached:")
+    assert second.entry["details"]["jit_probe"] is None
 
 
 def test_mirrored_strategy_uses_two_replicas(trained_run):

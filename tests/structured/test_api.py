@@ -23,7 +23,7 @@ L = keras.layers
         ({"ratio": 1.0}, r"ratio must be a float in \[0, 1\). Received: ratio=1.0"),
         ({"ratio": -0.1}, r"ratio must be a float in \[0, 1\)"),
         ({"ratio": 0.5, "importance": "l3"}, "importance must be one of"),
-        ({"ratio": 0.5, "round_to": 0}, "round_to must be an integer >= 1"),
+        ({"ratio": 0.5, "round_to": 0}, "round_to must be an integer >= 1 or"),
         ({"ratio": 0.5, "min_channels": 0}, "min_channels must be an integer >= 1"),
     ],
     ids=["ratio-high", "ratio-negative", "importance", "round_to", "min_channels"],

@@ -7,7 +7,7 @@ Recipe section (all keys optional)::
       importance: l1        # l1 | l2 | bn_gamma | taylor
       mode: gradual         # gradual (masks during fine-tuning, shrink at deploy) | oneshot
       schedule: {kind: polynomial, begin: 0.0, end: 0.7, unit: fraction, frequency: 10, power: 3}
-      round_to: 1           # surviving widths are multiples of this (e.g. 8)
+      round_to: 1           # surviving widths are multiples of this (e.g. 8), or auto
       min_channels: 1       # minimum surviving width per group
       exclude: []           # layer-name patterns (fnmatch) whose widths are kept
       global_ranking: false # rank channels of all layers together
@@ -51,7 +51,9 @@ class StructuredOptions:
         mode: `gradual` (masks during fine-tuning, physical removal at deploy) or `oneshot`
             (rebuild smaller before fine-tuning).
         schedule: how the removed fraction grows during a gradual fine-tune (`ScheduleOptions`).
-        round_to: surviving widths are multiples of this (>= 1).
+        round_to: surviving widths are multiples of this (>= 1), or `"auto"`: the float32
+            vector lanes of the CPU that prunes (16 with AVX-512; `structured.simd_lanes`),
+            resolved when the model is pruned and recorded in the report.
         min_channels: minimum surviving width of a group (>= 1).
         exclude: layer-name patterns (fnmatch) whose widths are kept.
         global_ranking: rank channels of all groups together.
@@ -63,7 +65,7 @@ class StructuredOptions:
     importance: str = "l1"
     mode: str = "gradual"
     schedule: ScheduleOptions = dataclasses.field(default_factory=ScheduleOptions)
-    round_to: int = 1
+    round_to: int | str = 1
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
     global_ranking: bool = False
@@ -86,8 +88,13 @@ class StructuredOptions:
             )
         for name in ("round_to", "min_channels", "taylor_batches"):
             v = getattr(self, name)
+            if name == "round_to" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{p}.{name} must be an integer >= 1. Received: {name}={v!r}")
+                also = ' or "auto"' if name == "round_to" else ""
+                raise ValueError(
+                    f"{p}.{name} must be an integer >= 1{also}. Received: {name}={v!r}"
+                )
         if not isinstance(self.global_ranking, bool):
             raise ValueError(
                 f"{p}.global_ranking must be true or false. "
@@ -116,7 +123,10 @@ class StructuredOptions:
             kw["ratio"] = _number(d["ratio"], f"{path}.ratio")
         for name in ("version", "round_to", "min_channels", "taylor_batches"):
             if name in d:
-                kw[name] = _number(d[name], f"{path}.{name}", kind=int)
+                if name == "round_to" and isinstance(d[name], str):  # "auto", else an error
+                    kw[name] = d[name].strip().lower()
+                else:
+                    kw[name] = _number(d[name], f"{path}.{name}", kind=int)
         if "global_ranking" in d:
             kw["global_ranking"] = d["global_ranking"]
         if "exclude" in d:
@@ -144,6 +154,7 @@ class StructuredMethod(Method):
         self._original = None
         self._steps: tuple[int, int, int] | None = None
         self._report: dict | None = None
+        self._round_to: int | None = None
 
     def _schedule(self, plan: FinetunePlan):
         from keras_lean.sparsity.schedules import ConstantSparsity, PolynomialDecay
@@ -164,12 +175,17 @@ class StructuredMethod(Method):
         )
 
     def prepare(self, model: keras.Model, data: Data, plan: FinetunePlan) -> keras.Model:
-        from keras_lean.structured import prune_structured, prune_structured_gradually
+        from keras_lean.structured import (
+            prune_structured,
+            prune_structured_gradually,
+            resolve_round_to,
+        )
 
         o = self.options
         self._original = model
+        self._round_to = resolve_round_to(o.round_to)
         kwargs: dict[str, Any] = dict(
-            round_to=o.round_to,
+            round_to=self._round_to,
             min_channels=o.min_channels,
             exclude=o.exclude,
             global_ranking=o.global_ranking,
@@ -194,6 +210,8 @@ class StructuredMethod(Method):
 
     def report(self) -> dict:
         out: dict[str, Any] = {"options": self.options.to_dict()}
+        if self._round_to is not None:
+            out["round_to"] = self._round_to  # resolved: "auto" becomes this CPU's lanes
         if self._steps is not None:
             begin, end, freq = self._steps
             out["schedule_steps"] = {"begin_step": begin, "end_step": end, "frequency": freq}
