@@ -9,7 +9,9 @@ Conventions (the ones most papers and Torch-Pruning / fvcore-style counters use,
 
 - A multiply-add is 2 FLOPs. A bias add is 1 FLOP per output element.
 - Dense, Conv1D/2D/3D (and Transpose), DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense,
-  MultiHeadAttention (the four projections plus the two attention matmuls) are counted exactly.
+  MultiHeadAttention (the four projections plus the two attention matmuls) are counted exactly,
+  and so is keras-hub's TransformerEncoder (as the attention, LayerNormalization, Dense and Add
+  layers it is made of).
 - BatchNormalization: 2 FLOPs per element (scale and shift; inference form, statistics folded).
   LayerNormalization: 7 FLOPs per element (mean 1, centring 1, squared sum 2, normalize 1,
   scale and shift 2).
@@ -41,6 +43,8 @@ import math
 from typing import Any
 
 import keras
+
+from keras_lean._hub import is_transformer_encoder, transformer_encoder_flops
 
 __all__ = ["FlopsReport", "LayerFlops", "count_flops", "training_flops"]
 
@@ -202,6 +206,8 @@ def _layer_flops(layer: Any, in_shapes: list, out_shapes: list, call_args: list)
     L = keras.layers
     if isinstance(layer, L.MultiHeadAttention):
         return _mha_flops(layer, call_args), note
+    if is_transformer_encoder(layer):
+        return transformer_encoder_flops(layer, in_shapes[0]), note
     if isinstance(layer, L.SeparableConv1D | L.SeparableConv2D):
         k = math.prod(layer.kernel_size)
         c_in = int(in_shapes[0][-1])
@@ -243,8 +249,8 @@ _BOOKKEEPING = ("mask", "pruning_step")
 
 def _params(layer: Any) -> int:
     """Parameters of a layer; keras_lean mask layers' masks and step counters are not counted."""
-    if not layer.built:
-        return 0
+    if not isinstance(layer, keras.layers.Layer) or not layer.built:
+        return 0  # a keras.ops operation in a functional graph (x[:, 0], x * 2.0) holds none
     if not type(layer).__module__.startswith("keras_lean"):
         return int(layer.count_params())
     return sum(

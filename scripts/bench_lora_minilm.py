@@ -10,11 +10,11 @@ Configurations, trained with the same data, batch size, epochs and seed:
   full        every weight trainable (Adam, lr 5e-5)
   lora        `apply_lora` default targets (attention query/value), rank 4, head trainable
               (Adam, lr 1e-3), merged with `merge_lora` before the final evaluation
-  structured+lora  `prune_structured` (--structured-ratio, l1, logits excluded), LoRA as above,
-              merged; only when the prune removes parameters. Today it removes none: the task
-              nests the backbone (build_graph does not look inside nested models) and inside it
-              keras-hub's TransformerEncoder / PositionEmbedding are layers the graph does not
-              know, so the row is printed as "not available" with build_graph's skipped layers.
+  structured+lora  `prune_structured` (--structured-ratio of every encoder's feed-forward neurons,
+              l1, logits excluded; the task's backbone is inlined, heads and the hidden width
+              are kept: keras-hub derives key_dim from them), then LoRA as above, merged. If a
+              prune ever removes nothing, the row prints "not available" with build_graph's
+              skipped layers instead.
 
 Printed per configuration: trainable parameters (and % of the model), median time per train step,
 energy per epoch and per step (keras_lean.energy's EnergyTracker; on a machine without RAPL or NVML
@@ -162,8 +162,7 @@ def structured_blockers(classifier, ratio: float) -> list[str]:
     """Why `prune_structured` cannot shrink the classifier ([] when it can).
 
     Checks what matters: whether a one-shot prune at `ratio` removes any parameter. When it does
-    not, the reasons are `build_graph`'s skipped layers, for the classifier (what
-    `prune_structured` sees) and for the backbone inside it (what would still block a flat model).
+    not, the reasons are `build_graph`'s skipped layers.
     """
     try:
         from keras_lean.structured import build_graph, prune_structured
@@ -177,7 +176,7 @@ def structured_blockers(classifier, ratio: float) -> list[str]:
     if after < before:
         return []
     reasons = [f"prune_structured(classifier, {ratio}) removed 0 of {before:,} parameters"]
-    for label, model in (("classifier", classifier), ("backbone", classifier.backbone)):
+    for label, model in (("classifier", classifier),):
         graph = build_graph(model, exclude=("logits",))
         prunable = sum(g.is_prunable for g in graph.groups)
         reasons.append(f"build_graph({label}): {len(graph.groups)} channel groups, "
@@ -206,7 +205,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="runs per configuration")
-    parser.add_argument("--structured-ratio", type=float, default=0.25)
+    parser.add_argument("--structured-ratio", type=float, default=0.5)
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

@@ -105,6 +105,14 @@ def test_unknown_layer_is_noted():
     assert row.flops == 0 and "Odd" in row.note
 
 
+def test_ops_in_a_functional_graph_have_no_parameters():
+    inputs = keras.Input((3, 4))
+    x = L.Dense(5, name="d")(inputs)[:, 0] * 2.0  # GetItem and Multiply operations, not layers
+    report = count_flops(keras.Model(inputs, x))
+    assert report.params == 4 * 5 + 5
+    assert report.total == 3 * 5 * (2 * 4 + 1)
+
+
 def test_report_to_dict():
     report = count_flops(_small_cnn())
     d = report.to_dict()

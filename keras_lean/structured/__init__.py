@@ -8,6 +8,9 @@ surviving weights, so every runtime (Keras, XLA, TFLite) runs fewer FLOPs.
 - `prune_structured_gradually(model, schedule)` then `shrink(model)`: masks during fine-tuning,
   then physical removal.
 - `structure_report(original, pruned)`: widths, parameters and FLOPs before and after.
+- `flatten_model(model)`: inlines nested models called once (both prune functions do this first),
+  so a backbone used as a layer or a keras-hub task is pruned through.
+- `round_to="auto"`: surviving widths rounded to this CPU's vector lanes (`simd_lanes`).
 
 In a gradual model the masks are exact: the masked model computes what the shrunk one will
 (LayerNormalization is replaced by `MaskedLayerNormalization`, whose statistics skip the masked
@@ -32,6 +35,7 @@ from keras_lean.structured.masks import (
     MaskedMultiHeadAttention,
     keep_count,
 )
+from keras_lean.structured.surgery import flatten_model
 
 __all__ = [
     "IMPORTANCE_CRITERIA",
@@ -44,6 +48,7 @@ __all__ = [
     "SkippedLayer",
     "StructureReport",
     "build_graph",
+    "flatten_model",
     "keep_count",
     "prune_structured",
     "prune_structured_gradually",

@@ -20,7 +20,14 @@ from keras_lean.structured.masks import (
     MaskedMultiHeadAttention,
     keep_count,
 )
-from keras_lean.structured.surgery import clone_layer, rebuild, replay, width_of
+from keras_lean.structured.surgery import (
+    clone_layer,
+    flatten_model,
+    has_nested_models,
+    rebuild,
+    replay,
+    width_of,
+)
 
 __all__ = [
     "LayerStructure",
@@ -230,7 +237,9 @@ def prune_structured(
 
     Returns:
         A new Keras model (Sequential if `model` is) with the surviving weights copied. At
-        `ratio=0` its outputs equal `model`'s.
+        `ratio=0` its outputs equal `model`'s. Nested models called once (a backbone used as a
+        layer, a keras-hub task's backbone) are inlined first (`surgery.flatten_model`), so the
+        result is then one flat functional model.
 
     Raises:
         ValueError: for a bad argument, a model type that is not supported, or `"taylor"`
@@ -244,6 +253,7 @@ def prune_structured(
     _check_model(model)
     round_to = resolve_round_to(round_to)
     _check_args(ratio, importance, round_to, min_channels)
+    model = _flat(model)
     graph = build_graph(model, exclude)
     _warn_if_nothing_prunable(graph, ratio)
     scores = unit_scores(
@@ -265,6 +275,11 @@ def prune_structured(
     return rebuild(model, graph, pruned)
 
 
+def _flat(model: keras.Model) -> keras.Model:
+    """`model`, with nested models that are called once inlined (a copy) when it has any."""
+    return flatten_model(model)[0] if has_nested_models(model) else model
+
+
 def _warn_if_nothing_prunable(graph: DependencyGraph, ratio: float = 1.0) -> None:
     """Warns when no unit of `graph` may be removed, so a no-op is never silent."""
     if ratio == 0 or any(any(g.prunable) for g in graph.groups):
@@ -273,8 +288,7 @@ def _warn_if_nothing_prunable(graph: DependencyGraph, ratio: float = 1.0) -> Non
     more = f" (+{len(graph.skipped) - 6} more)" if len(graph.skipped) > 6 else ""
     warnings.warn(
         f"Structured pruning of {graph.model.name!r} removes nothing: none of its channel groups "
-        f"can be pruned. Skipped layers: {skipped or 'none'}{more}. A model nested as a layer "
-        "is analysed only at its boundary: prune the inner model itself.",
+        f"can be pruned. Skipped layers: {skipped or 'none'}{more}.",
         stacklevel=3,
     )
 
@@ -366,7 +380,8 @@ def prune_structured_gradually(
     round_to = resolve_round_to(round_to)
     _check_args(0.0, importance, round_to, min_channels)
     schedule = as_schedule(pruning_schedule)
-    graph = build_graph(model, exclude)
+    model = _flat(model)
+    graph = build_graph(model, exclude, inner_groups=False)  # masks cannot reach inside
     _warn_if_nothing_prunable(graph)
     scores = unit_scores(
         graph,
@@ -618,6 +633,7 @@ def structure_report(
     """
     _check_model(original)
     _check_model(pruned)
+    original, pruned = _flat(original), _flat(pruned)  # layer names as prune_structured sees them
     before, after = count_flops(original), count_flops(pruned)
     rows_after = after.by_name()
     by_name_after = {layer.name: layer for layer in pruned.layers}

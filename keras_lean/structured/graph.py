@@ -21,6 +21,12 @@ LayerNorm vectors, depthwise kernels, attention heads) is sliced accordingly.
 
 Model inputs and outputs, excluded layers, and every tensor that touches a layer the graph does not
 know are *blocked*: their units are never removed, and `skipped` says which layer and why.
+
+Some groups live entirely inside one layer: the feed-forward neurons of a keras-hub
+`TransformerEncoder` (`inner`). They couple with nothing outside the layer; surgery rebuilds the
+layer from its config with a smaller `intermediate_dim`. Its hidden width and heads stay (keras-hub
+derives the attention key_dim from them), and gradual masks cannot reach inside a layer, so
+`build_graph(..., inner_groups=False)` (what the gradual path uses) blocks these groups too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any
 
 import keras
 import numpy as np
+
+from keras_lean._hub import FFN_INTERMEDIATE, FFN_OUTPUT, is_transformer_encoder
 
 __all__ = ["ChannelGroup", "DependencyGraph", "SkippedLayer", "WeightSlice", "build_graph"]
 
@@ -242,14 +250,17 @@ class DependencyGraph:
         slices: per layer name, the `WeightSlice`s of its weights.
         layer_ids: per layer name, `(input id arrays, output id array or None)` of its first call.
         heads: per MultiHeadAttention layer name, the id array of its heads.
+        inner: per keras-hub TransformerEncoder name, the id array of its feed-forward neurons.
         reshape_mode: per supported Reshape layer, `flat` or `last` (how surgery rewrites it).
         roots: `roots[i]` is the unit (union-find root) of channel identity `i`.
         group_of_unit: unit root -> index of its group in `groups`.
     """
 
-    def __init__(self, model: keras.Model, exclude: tuple = ()):
+    def __init__(self, model: keras.Model, exclude: tuple = (), inner_groups: bool = True):
         self.model = model
         self._exclude = tuple(exclude)
+        self._inner_groups = inner_groups
+        self.inner: dict[str, np.ndarray] = {}
         self._uf = _UnionFind()
         self._blocked: dict[int, str] = {}
         self._block_owner: list[tuple[int, int, str]] = []  # (start, size, "layer:role")
@@ -337,7 +348,8 @@ class DependencyGraph:
             self._skip(
                 name,
                 "nested model: its inputs and outputs keep their width (the graph does not look "
-                "inside models used as layers; build the model flat to prune through it)",
+                "inside models used as layers; prune_structured inlines those called once, a "
+                "model called several times shares its weights and stays whole)",
                 ins,
                 call.outputs,
             )
@@ -366,6 +378,8 @@ class DependencyGraph:
             raise _Unsupported("data_format='channels_first' is not supported")
         if isinstance(layer, L.MultiHeadAttention):
             return self._visit_mha(layer, call)
+        if is_transformer_encoder(layer):
+            return self._visit_hub_encoder(layer, x)
         if isinstance(layer, L.EinsumDense) or isinstance(layer, _TRANSPOSE):
             raise _Unsupported(f"{type(layer).__name__} is not supported by the dependency graph")
         if isinstance(layer, L.Dense):
@@ -512,6 +526,27 @@ class DependencyGraph:
             self._add_slice(layer, "attention_output/bias", 0, out, "bias")
         return out
 
+    def _visit_hub_encoder(self, layer: Any, x: np.ndarray | None) -> np.ndarray | None:
+        self._need(x, layer)
+        name = layer.name
+        kept = "hidden width and heads kept (keras-hub derives key_dim = hidden_dim // num_heads)"
+        self._block(x, f"{name}: {kept}")
+        inner = self._fresh(int(layer.intermediate_dim), f"{name}:intermediate")
+        self.inner[name] = inner
+        self._add_slice(layer, f"{FFN_INTERMEDIATE}/kernel", 1, inner, "kernel")
+        self._add_slice(layer, f"{FFN_INTERMEDIATE}/bias", 0, inner, "bias")
+        self._add_slice(layer, f"{FFN_OUTPUT}/kernel", 0, inner, "kernel")
+        if self._inner_groups:
+            self._skipped.setdefault(name, f"{kept}; feed-forward neurons are pruned")
+        else:
+            reason = (
+                "feed-forward neurons inside a keras-hub TransformerEncoder are pruned one-shot "
+                "only (prune_structured): gradual masks cannot reach inside the layer"
+            )
+            self._block(inner, f"{name}: {reason}")
+            self._skipped.setdefault(name, f"{kept}; {reason}")
+        return x  # residual: the output carries the input's channels
+
     # -- groups ------------------------------------------------------------------------------
 
     def _finish(self) -> None:
@@ -584,12 +619,16 @@ class _Unsupported(Exception):
     """Raised inside the tracer for a layer whose channels cannot be followed."""
 
 
-def build_graph(model: keras.Model, exclude: tuple | list | str = ()) -> DependencyGraph:
+def build_graph(
+    model: keras.Model, exclude: tuple | list | str = (), *, inner_groups: bool = True
+) -> DependencyGraph:
     """Builds the channel dependency graph of a built Sequential or functional model.
 
     Args:
         model: a built Keras 3 model.
         exclude: layer name patterns (fnmatch, e.g. `"head*"`) whose widths are kept.
+        inner_groups: whether groups inside one layer (a keras-hub TransformerEncoder's
+            feed-forward neurons) may be pruned; False blocks them (gradual masking).
 
     Returns:
         A `DependencyGraph` with `.groups` (coupled channels) and `.skipped` (layers left alone,
@@ -605,4 +644,4 @@ def build_graph(model: keras.Model, exclude: tuple | list | str = ()) -> Depende
     """
     if isinstance(exclude, str):
         exclude = (exclude,)
-    return DependencyGraph(model, tuple(exclude))
+    return DependencyGraph(model, tuple(exclude), inner_groups)

@@ -1,12 +1,13 @@
 """Model surgery: rebuild a Keras model layer by layer with narrower layers and sliced weights.
 
 `rebuild(model, graph, pruned)` creates, for every layer, a fresh layer from its config with the
-new widths (`units`, `filters`, `output_dim`, `num_heads`, Reshape's `target_shape`), calls it on
-the rebuilt graph (so it is built with the new input shapes), and copies the surviving slices of
-every weight. Nothing of the caller's model is shared or changed.
+new widths (`units`, `filters`, `output_dim`, `num_heads`, `intermediate_dim`, Reshape's
+`target_shape`), calls it on the rebuilt graph (so it is built with the new input shapes), and
+copies the surviving slices of every weight. Nothing of the caller's model is shared or changed.
 
 `replay(model, make_layer, after)` is the generic part, also used to insert and remove the
-gradual-pruning mask layers.
+gradual-pruning mask layers. `flatten_model(model)` inlines nested models (a backbone called as a
+layer, a keras-hub task's backbone), so the graph can prune through them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lean.structured.graph import DependencyGraph, graph_inputs, model_calls
+from keras_lean.structured.graph import (
+    DependencyGraph,
+    graph_inputs,
+    graph_outputs,
+    model_calls,
+)
 from keras_lean.structured.importance import layer_weight
 
-__all__ = ["rebuild", "replay", "clone_layer"]
+__all__ = ["clone_layer", "flatten_model", "has_nested_models", "rebuild", "replay"]
 
 
 def clone_layer(layer: Any, config: dict | None = None) -> Any:
@@ -110,6 +116,109 @@ def replay(
     return keras.Model(ins, outs, name=model.name), new_layers
 
 
+def _inlinable(model: keras.Model) -> dict[int, int]:
+    """Calls per nested graph model (Sequential or functional) of `model`, by `id`."""
+    counts: dict[int, int] = {}
+    for call in model_calls(model):
+        layer = call.layer
+        if isinstance(layer, keras.Model) and getattr(
+            getattr(layer, "_functional", layer), "_nodes_by_depth", None
+        ):
+            counts[id(layer)] = counts.get(id(layer), 0) + 1
+    return counts
+
+
+def has_nested_models(model: keras.Model) -> bool:
+    """Whether `model` calls a nested Sequential or functional model exactly once."""
+    return any(n == 1 for n in _inlinable(model).values())
+
+
+def flatten_model(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
+    """A copy of `model` with every nested model that is called once inlined, recursively.
+
+    A backbone used as a layer (`x = base(inputs)`, a keras-hub task around its backbone) becomes
+    part of one flat functional graph, so its channels can be followed. Layers are cloned from
+    their configs and their weights copied; the caller's model is not changed. A layer keeps its
+    name unless the outer graph already has it (then it becomes `<nested model>_<name>`). A nested
+    model called more than once shares its weights between the calls: it is kept whole.
+
+    Args:
+        model: a built Sequential or functional model.
+
+    Returns:
+        `(flat functional model, names of the nested models kept whole)`.
+    """
+    pairs: list[tuple[Any, Any]] = []
+    kept: list[str] = []
+    used: set[str] = {c.layer.name for c in model_calls(model)}
+    made: dict[int, Any] = {}
+
+    def make(layer: Any, owner: str | None) -> Any:
+        if id(layer) in made:  # a layer shared inside the graph stays shared
+            return made[id(layer)]
+        if isinstance(layer, keras.Model):
+            new = clone_layer(layer)
+        elif isinstance(layer, keras.layers.Layer):
+            cfg = layer.get_config()
+            if owner is not None:
+                name = layer.name
+                if name in used:
+                    name = base = f"{owner}_{layer.name}"
+                    n = 1
+                    while name in used:
+                        n += 1
+                        name = f"{base}_{n}"
+                used.add(name)
+                cfg["name"] = name
+            new = clone_layer(layer, cfg)
+        else:
+            new = layer  # a stateless keras.ops operation
+        made[id(layer)] = new
+        pairs.append((layer, new))
+        return new
+
+    def run(m: keras.Model, tensors: dict, owner: str | None) -> None:
+        counts = _inlinable(m)
+        for call in model_calls(m):
+            args, kwargs = call.node.arguments.fill_in(tensors)
+            layer = call.layer
+            if counts.get(id(layer)) == 1:
+                inner = dict(
+                    zip(
+                        (id(t) for t in graph_inputs(layer)),
+                        keras.tree.flatten(args[0]),
+                        strict=True,
+                    )
+                )
+                run(layer, inner, layer.name)
+                outs = [inner[id(t)] for t in graph_outputs(layer)]
+            else:
+                if isinstance(layer, keras.Model):
+                    kept.append(layer.name)
+                outs = keras.tree.flatten(make(layer, owner)(*args, **kwargs))
+            for old_t, new_t in zip(call.outputs, outs, strict=False):
+                tensors[id(old_t)] = new_t
+
+    tensors: dict[int, Any] = {}
+    for t in graph_inputs(model):
+        tensors[id(t)] = keras.Input(
+            batch_shape=tuple(t.shape), dtype=t.dtype, sparse=t.sparse, name=_input_name(t)
+        )
+    run(model, tensors, None)
+
+    def remap(t):
+        return tensors[id(t)]
+
+    fn = model._functional if isinstance(model, keras.Sequential) else model
+    outs = keras.tree.map_structure(remap, getattr(fn, "_outputs_struct", fn.outputs))
+    ins = keras.tree.map_structure(remap, getattr(fn, "_inputs_struct", fn.inputs))
+    flat = keras.Model(ins, outs, name=model.name)
+    for old, new in pairs:
+        if isinstance(old, keras.layers.Layer):
+            new.set_weights(old.get_weights())
+    return flat, tuple(dict.fromkeys(kept))
+
+
 def _count(mask: np.ndarray | None) -> int:
     return int(mask.sum())
 
@@ -127,6 +236,9 @@ def new_config(layer: Any, graph: DependencyGraph, pruned: frozenset) -> dict | 
             cfg["output_shape"] = _count(keep_out)
         elif layer._output_shape is not None and len(tuple(layer._output_shape)) == 1:
             cfg["output_shape"] = (_count(keep_out),)
+        return cfg
+    if name in graph.inner:  # a keras-hub TransformerEncoder: only its feed-forward width changes
+        cfg["intermediate_dim"] = _count(graph.keep_mask(graph.inner[name], pruned))
         return cfg
     if name not in graph.slices and name not in graph.reshape_mode:
         return None
@@ -212,7 +324,7 @@ def rebuild(model: keras.Model, graph: DependencyGraph, pruned: frozenset | set)
 
 def width_of(layer: Any) -> int | None:
     """The width a structure report shows for a layer (units, filters, heads, ...)."""
-    for attr in ("units", "filters", "output_dim", "num_heads"):
+    for attr in ("units", "filters", "output_dim", "intermediate_dim", "num_heads"):
         v = getattr(layer, attr, None)
         if isinstance(v, int):
             return v

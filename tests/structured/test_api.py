@@ -91,9 +91,9 @@ def test_export_savedmodel_and_tflite(tmp_path):
 
 
 def test_nothing_prunable_warns_and_names_the_skipped_layers():
-    inner = keras.Sequential([keras.Input((8,)), L.Dense(6, name="inner_d")], name="inner")
+    inner = keras.Sequential([keras.Input((8,)), L.Dense(8, name="inner_d")], name="inner")
     inputs = keras.Input((8,))
-    wrapped = keras.Model(inputs, inner(inputs), name="wrapped")
+    wrapped = keras.Model(inputs, inner(inner(inputs)), name="wrapped")  # shared: kept whole
     with pytest.warns(UserWarning, match=r"'wrapped' removes nothing.*inner: nested model"):
         small = prune_structured(wrapped, 0.5)
     assert small.count_params() == wrapped.count_params()

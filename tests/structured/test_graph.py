@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from keras_lean.structured import build_graph, prune_structured
+from keras_lean.structured.surgery import flatten_model
 
 from ._structured_models import concat, depthwise, flatten, nested, residual, separable, transformer
 from ._structured_models import unknown as unknown_model
@@ -147,15 +148,35 @@ def test_unknown_layer_is_reported_and_its_groups_kept():
     assert pruned.get_layer("d2").units == 4
 
 
-def test_nested_model_is_reported():
+def test_nested_model_is_reported_by_the_graph_and_inlined_by_prune():
     model = nested()
     graph = build_graph(model)
     reasons = dict((s.name, s.reason) for s in graph.skipped)
     assert "nested model" in reasons["inner"]
     pruned = prune_structured(model, 0.5)
-    assert pruned.get_layer("d1").units == 8 and pruned.get_layer("d2").units == 4
-    # The nested model is a copy, not shared with the caller's model.
-    assert pruned.get_layer("inner") is not model.get_layer("inner")
+    # Inlined: the nested Dense is pruned like any other, its neighbours through it.
+    widths = {n: pruned.get_layer(n).units for n in ("d1", "inner_d", "d2", "out")}
+    assert widths == {"d1": 4, "inner_d": 3, "d2": 4, "out": 3}
+    assert "inner" not in [layer.name for layer in pruned.layers]
+    assert model.get_layer("inner").get_layer("inner_d").units == 6  # the caller's model is intact
+    same = prune_structured(model, 0.0)
+    x = np.random.default_rng(0).normal(size=(4, 10)).astype("float32")
+    np.testing.assert_allclose(same(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flatten_keeps_a_shared_nested_model_whole_and_renames_clashes():
+    inner = keras.Sequential([keras.Input((8,)), L.Dense(8, name="d1")], name="inner")
+    once = keras.Sequential([keras.Input((8,)), L.Dense(8, name="d1")], name="once")
+    inputs = keras.Input((8,))
+    x = L.Dense(8, name="d1")(inputs)
+    x = inner(inner(x))  # called twice: shares its weights, stays a nested model
+    x = once(x)  # called once: inlined, its d1 renamed
+    model = keras.Model(inputs, L.Dense(2, name="out")(x))
+    flat, kept = flatten_model(model)
+    assert kept == ("inner",)
+    assert [layer.name for layer in flat.layers][1:] == ["d1", "inner", "once_d1", "out"]
+    v = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+    np.testing.assert_allclose(flat(v), model(v), rtol=1e-5, atol=1e-5)
 
 
 def test_excluded_and_output_layers_are_never_narrowed():
