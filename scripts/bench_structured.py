@@ -31,7 +31,8 @@ trained, then pruned gradually to 50 % of its channels during fine-tuning
 
 Run: `python scripts/bench_structured.py` (about 4 minutes on 2 CPU cores). `--quick` for a
 smoke run with fewer repeats and epochs; `--part 1 --model wide --round-to 8 auto` picks the
-part 1 cases.
+part 1 cases; `--fold-batchnorm` times the deploy form (`keras_lean.export.fold_batchnorm`, what
+`keras-lean deploy` exports), BatchNormalization folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from keras_lean.export import fold_batchnorm  # noqa: E402
 from keras_lean.flops import count_flops  # noqa: E402
 from keras_lean.structured import (  # noqa: E402
     prune_structured,
@@ -160,24 +162,24 @@ MODELS = {  # name -> (input shape, stage widths)
 TARGET = 0.8
 
 
-def part1(model_name: str, rounds: int, min_time: float, round_to) -> list:
+def part1(model_name: str, rounds: int, min_time: float, round_to, fold: bool = False) -> list:
     """Prints the tables for one model and round_to; returns the batch-32 (ratio, runtime, q)."""
     keras.utils.set_random_seed(0)
     input_shape, widths = MODELS[model_name]
     base = resnet_like(input_shape, widths)
     _randomize_bn(base)
-    f_base = count_flops(base).total
     models = {"base": base}
-    flops = {"base": f_base}
     for r in (0.3, 0.5, 0.7):
-        pruned = prune_structured(base, r, "l1", round_to=round_to)
-        models[f"r{r}"] = pruned
-        flops[f"r{r}"] = count_flops(pruned).total
+        models[f"r{r}"] = prune_structured(base, r, "l1", round_to=round_to)
+    if fold:  # the deployment form: BatchNormalization folded into the convolutions
+        models = {name: fold_batchnorm(m)[0] for name, m in models.items()}
+    flops = {name: count_flops(m).total for name, m in models.items()}
+    f_base = flops["base"]
     lanes = f" ({resolve_round_to(round_to)} lanes)" if round_to == "auto" else ""
     print(
         f"\nPart 1: {model_name} resnet_like {'x'.join(map(str, input_shape))}, widths {widths}, "
         f"base {f_base / 1e6:.1f} MFLOPs/sample, {base.count_params():,} params, "
-        f"round_to={round_to}{lanes}"
+        f"round_to={round_to}{lanes}{', BatchNormalization folded' if fold else ''}"
     )
     for name, m in models.items():
         if name != "base":
@@ -280,6 +282,11 @@ def main():
         default=[1, "auto"],
         help='part 1 round_to values: integers or "auto" (default: 1 auto)',
     )
+    parser.add_argument(
+        "--fold-batchnorm",
+        action="store_true",
+        help="part 1: fold BatchNormalization into the convolutions (the deploy form) first",
+    )
     args = parser.parse_args()
     tf.get_logger().setLevel("ERROR")
     warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
@@ -293,6 +300,7 @@ def main():
                     rounds=3 if args.quick else 7,
                     min_time=0.05 if args.quick else 0.25,
                     round_to=round_to,
+                    fold=args.fold_batchnorm,
                 )
         print(f"\nPart 1 summary: quotient at batch 32 (target >= {TARGET}); cells met / all")
         for (model_name, round_to), rows in summary.items():

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from keras_lean.export.api import FORMATS, ExportReport, export_model, measure_latency_ms
+from keras_lean.export.fold import fold_batchnorm
 from keras_lean.export.saved_model import export_saved_model
 from keras_lean.export.sizes import SizeReport, file_sizes, gzip_size, weight_sizes
 from keras_lean.export.tflite import (
@@ -32,6 +33,7 @@ __all__ = [
     "export_model",
     "export_saved_model",
     "file_sizes",
+    "fold_batchnorm",
     "gzip_size",
     "make_interpreter",
     "measure_latency_ms",

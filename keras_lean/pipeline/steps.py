@@ -1134,6 +1134,11 @@ def deploy(
         finetuned = load_model(run.finetuned)
         model = _as_float32(_finalize(finetuned, methods))
         _check_no_wrappers(model)
+        folded: tuple[str, ...] = ()
+        if opts.fold_batchnorm:
+            from keras_lean.export import fold_batchnorm
+
+            model, folded = fold_batchnorm(model)
         calib = ds.x_train[: opts.calibration_samples]
         common = dict(
             quantization=opts.quantization,
@@ -1154,6 +1159,7 @@ def deploy(
             details = {
                 "export": _relative(report.to_dict(), tmp, run.export_dir),
                 "methods": _deploy_method_reports(run, methods, before),
+                "folded_batchnorm": list(folded),
             }
             if baseline_report is not None:
                 details["baseline_export"] = _relative(

@@ -135,3 +135,20 @@ def test_round_to_auto_resolves_to_this_cpus_lanes_and_is_reported(digits, monke
     widths = [layer.filters for layer in small.layers if isinstance(layer, L.Conv2D)]
     assert widths == [8, 8]  # 16 * 0.3 = 4.8 -> keep 5 -> rounded up to 8
     assert method.report()["round_to"] == 4
+
+
+def test_deploy_folds_batchnorm_of_a_user_model(tmp_path, tiny_npz):
+    from keras_lean.pipeline import configure, deploy, finetune, train_baseline
+
+    path = tmp_path / "user.keras"
+    _cnn().save(path)
+    run = tmp_path / "run"
+    train_baseline(run, data=tiny_npz, model_path=path, epochs=1, verbose=0)
+    configure(run, methods=["structured"], epochs=1, jit_compile="off", force=True)
+    finetune(run, verbose=0)
+    d = deploy(run)
+    assert sorted(d.entry["details"]["folded_batchnorm"]) == ["bn1", "bn2"]
+    plain = keras.models.load_model(d.artifacts["keras"])
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in plain.layers)
+    exp = d.entry["details"]["export"]
+    assert exp["max_abs_diff"] < 1e-3 and exp["keras_accuracy"] == exp["tflite_accuracy"]
