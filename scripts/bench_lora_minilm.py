@@ -10,11 +10,11 @@ Configurations, trained with the same data, batch size, epochs and seed:
   full        every weight trainable (Adam, lr 5e-5)
   lora        `apply_lora` default targets (attention query/value), rank 4, head trainable
               (Adam, lr 1e-3), merged with `merge_lora` before the final evaluation
-  structured+lora  `prune_structured` (--structured-ratio of every encoder's feed-forward neurons,
-              l1, logits excluded; the task's backbone is inlined, heads and the hidden width
-              are kept: keras-hub derives key_dim from them), then LoRA as above, merged. If a
-              prune ever removes nothing, the row prints "not available" with build_graph's
-              skipped layers instead.
+  structured+lora  `prune_structured` (--structured-ratio of every encoder's feed-forward neurons;
+              --structured-importance taylor (default, 4 training batches) or l1; logits
+              excluded; the task's backbone is inlined; heads and the hidden width are kept:
+              keras-hub derives key_dim from them), then LoRA as above, merged. If a prune ever
+              removes nothing, the row prints "not available" with build_graph's skipped layers.
 
 Printed per configuration: trainable parameters (and % of the model), median time per train step,
 energy per epoch and per step (keras_lean.energy's EnergyTracker; on a machine without RAPL or NVML
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="runs per configuration")
     parser.add_argument("--structured-ratio", type=float, default=0.5)
+    parser.add_argument("--structured-importance", default="taylor", choices=["l1", "l2", "taylor"])
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -275,7 +276,16 @@ def main() -> None:
         from keras_lean.structured import prune_structured
 
         original = fresh_classifier(seed)
-        pruned = prune_structured(original, args.structured_ratio, exclude=("logits",))
+        taylor = args.structured_importance == "taylor"
+        pruned = prune_structured(
+            original,
+            args.structured_ratio,
+            args.structured_importance,
+            data=data[0] if taylor else None,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            batch_size=args.batch_size,
+            exclude=("logits",),
+        )
         lora = apply_lora(pruned, rank=args.rank, alpha=args.alpha, keep_trainable="logits")
         keras.utils.set_random_seed(seed)
         results["structured+lora"] = train("structured+lora", lora, 1e-3, data, args, tracker,

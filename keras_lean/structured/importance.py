@@ -83,12 +83,13 @@ def _all_layers(model: keras.Model) -> list:
 
 def _batches(data: Any, batch_size: int, max_batches: int):
     if isinstance(data, tuple | list) and len(data) == 2:
-        x, y = data
-        n = len(x)
+        x, y = data  # x may be a structure of arrays (a dict of named inputs)
+        n = len(keras.tree.flatten(x)[0])
         for b, start in enumerate(range(0, n, batch_size)):
             if b >= max_batches:
                 return
-            yield x[start : start + batch_size], y[start : start + batch_size]
+            cut = slice(start, start + batch_size)
+            yield keras.tree.map_structure(lambda a, c=cut: a[c], x), y[cut]
         return
     for b, batch in enumerate(data):
         if b >= max_batches:
@@ -135,6 +136,8 @@ def _taylor_scores(
             g = grads[id(var)]
             if g is None:
                 continue
+            if isinstance(g, tf.IndexedSlices):  # an embedding's sparse gradient
+                g = tf.convert_to_tensor(g)
             wg = np.asarray(var.numpy(), np.float64) * np.asarray(g, np.float64)
             per_pos = _per_position(wg, s.axis, "sum")
             for u, v in zip(graph.roots[s.ids].tolist(), per_pos.tolist(), strict=False):

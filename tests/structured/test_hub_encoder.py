@@ -142,3 +142,12 @@ def test_a_keras_hub_task_is_pruned_through_its_backbone_then_lora_merges():
     adapted = apply_lora(small, rank=2, keep_trainable="logits")
     merged = merge_lora(adapted)
     np.testing.assert_allclose(merged(_inputs()), adapted(_inputs()), rtol=1e-4, atol=1e-4)
+
+
+def test_taylor_importance_takes_named_inputs():
+    x, y = _inputs(batch=8), np.arange(8) % 3
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    small = prune_structured(
+        _flat_bert(), 0.5, "taylor", data=(x, y), loss=loss, batch_size=4, exclude=("logits",)
+    )
+    assert [e.intermediate_dim for e in _encoders(small)] == [FF // 2, FF // 2]
