@@ -172,3 +172,16 @@ def test_masked_model_loads_in_a_fresh_process(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["MaskedMultiHeadAttention", "MaskedLayerNormalization"]
+
+
+def test_gradual_prunes_through_a_nested_model():
+    from ._structured_models import nested
+
+    model = nested()
+    masked = prune_structured_gradually(model, ConstantSparsity(0.5, begin_step=0, frequency=1))
+    assert "inner" not in [layer.name for layer in masked.layers]  # inlined, then masked
+    x, y = make_input("vec10", 8), np.zeros((8, 3), "float32")
+    _fit_steps(masked, x, y, 2)
+    small = shrink(masked)
+    assert small.get_layer("inner_d").units == 3 and small.get_layer("d1").units == 4
+    np.testing.assert_allclose(small(x), masked(x), rtol=1e-4, atol=1e-4)
