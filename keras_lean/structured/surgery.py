@@ -50,6 +50,27 @@ def _input_name(tensor: Any) -> str:
     return history.operation.name if history is not None else tensor.name
 
 
+def _fresh_inputs(model: keras.Model) -> dict[int, Any]:
+    """New `keras.Input`s like `model`'s graph inputs, keyed by `id` of the old input tensor."""
+    return {
+        id(t): keras.Input(
+            batch_shape=tuple(t.shape), dtype=t.dtype, sparse=t.sparse, name=_input_name(t)
+        )
+        for t in graph_inputs(model)
+    }
+
+
+def _rewired(model: keras.Model, tensors: dict[int, Any], name: str | None = None) -> keras.Model:
+    """A functional model over the new tensors that replaced `model`'s inputs and outputs."""
+
+    def remap(t):
+        return tensors[id(t)]
+
+    outs = keras.tree.map_structure(remap, getattr(model, "_outputs_struct", model.outputs))
+    ins = keras.tree.map_structure(remap, getattr(model, "_inputs_struct", model.inputs))
+    return keras.Model(ins, outs, name=name or model.name)
+
+
 def replay(
     model: keras.Model,
     make_layer: Callable[[Any], Any],
@@ -89,11 +110,7 @@ def replay(
                     seq.add(extra)
         return seq, new_layers
 
-    tensors: dict[int, Any] = {}
-    for t in graph_inputs(model):
-        tensors[id(t)] = keras.Input(
-            batch_shape=tuple(t.shape), dtype=t.dtype, sparse=t.sparse, name=_input_name(t)
-        )
+    tensors = _fresh_inputs(model)
     for call in model_calls(model):
         args, kwargs = call.node.arguments.fill_in(tensors)
         new = get(call.layer)
@@ -108,12 +125,7 @@ def replay(
         for old_t, new_t in zip(call.outputs, outputs, strict=False):
             tensors[id(old_t)] = new_t
 
-    def remap(t):
-        return tensors[id(t)]
-
-    outs = keras.tree.map_structure(remap, getattr(model, "_outputs_struct", model.outputs))
-    ins = keras.tree.map_structure(remap, getattr(model, "_inputs_struct", model.inputs))
-    return keras.Model(ins, outs, name=model.name), new_layers
+    return _rewired(model, tensors), new_layers
 
 
 def _inlinable(model: keras.Model) -> dict[int, int]:
@@ -199,20 +211,11 @@ def flatten_model(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
             for old_t, new_t in zip(call.outputs, outs, strict=False):
                 tensors[id(old_t)] = new_t
 
-    tensors: dict[int, Any] = {}
-    for t in graph_inputs(model):
-        tensors[id(t)] = keras.Input(
-            batch_shape=tuple(t.shape), dtype=t.dtype, sparse=t.sparse, name=_input_name(t)
-        )
+    tensors = _fresh_inputs(model)
     run(model, tensors, None)
 
-    def remap(t):
-        return tensors[id(t)]
-
     fn = model._functional if isinstance(model, keras.Sequential) else model
-    outs = keras.tree.map_structure(remap, getattr(fn, "_outputs_struct", fn.outputs))
-    ins = keras.tree.map_structure(remap, getattr(fn, "_inputs_struct", fn.inputs))
-    flat = keras.Model(ins, outs, name=model.name)
+    flat = _rewired(fn, tensors, name=model.name)
     for old, new in pairs:
         if isinstance(old, keras.layers.Layer):
             new.set_weights(old.get_weights())
