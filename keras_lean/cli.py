@@ -1,8 +1,9 @@
 """`keras-lean`: the command line, a thin shell over `keras_lean.pipeline` and `keras_lean.energy`.
 
 Every command parses its options, calls one public function and prints a short summary. Library
-errors become one line on stderr and exit code 2 (bad input); a failed validation gate exits 1;
-`--debug` shows the traceback instead. Importing this module imports neither TensorFlow nor Keras,
+errors become one line on stderr and exit code 2 (bad input); a failed validation gate exits 1,
+and so does a `TypeError` (a bug, with a hint to rerun with `--debug`); `--debug` shows the
+traceback instead. Importing this module imports neither TensorFlow nor Keras,
 so `keras-lean --help` is fast.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -18,17 +18,16 @@ from typing import Any
 import click
 
 from keras_lean import __version__
+from keras_lean import _cli_options as opts
+from keras_lean.console import current_console, interrupted_message, verbosity_options
+from keras_lean.pipeline.strategy import STRATEGIES
 
-_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
+#: Library errors that mean the user's input is wrong: one line, exit 2. A TypeError is not
+#: among them: it is a bug (in keras_lean or a caller's code), so it exits 1 with a hint.
+_BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
-
-def _carbon(value: str | None) -> float | str:
-    if value is None:
-        return 475.0
-    try:
-        return float(value)
-    except ValueError:
-        return value
+#: The five steps in pipeline order; `--help` lists them first, then the other commands.
+STEP_COMMANDS = ("baseline", "configure", "finetune", "validate", "deploy")
 
 
 def _one_line(e: BaseException) -> str:
@@ -44,153 +43,36 @@ def _library_call(fn: Callable) -> Callable:
         ctx = click.get_current_context()
         debug = debug or bool((ctx.find_root().obj or {}).get("debug"))
         try:
-            return fn(*args, **kwargs)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
+            if ctx.info_name == "measure":  # its child's stderr must reach the terminal
+                return fn(*args, **kwargs)
+            with current_console().native_quiet(debug):
+                return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except _BAD_INPUT as e:
             if debug:
                 raise
             click.echo(f"Error: {_one_line(e)}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            hint = ""
-            if ctx.info_name in ("finetune", "run"):
-                hint = " Continue fine-tuning with `keras-lean finetune --resume`."
-            click.echo(f"Interrupted; earlier stages' files are intact.{hint}", err=True)
+        except TypeError as e:
+            if debug:
+                raise
+            click.echo(
+                f"Error: {type(e).__name__}: {_one_line(e)}\n"
+                f"This is a bug, not a problem with your input: run the command again with "
+                f"--debug for the traceback, and report it.",
+                err=True,
+            )
+            ctx.exit(1)
+        except KeyboardInterrupt as e:
+            folder = _run_dir(kwargs.get("out"), kwargs.get("run_name")).root
+            click.echo(interrupted_message(e, ctx.info_name, folder), err=True)
             ctx.exit(130)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
 
-def _run_options(fn: Callable) -> Callable:
-    fn = click.option(
-        "--run-name",
-        default=None,
-        help="Run folder name under savedmodels/ (default: 'default'). Ignored with --out.",
-    )(fn)
-    return click.option(
-        "--out",
-        "out",
-        type=click.Path(file_okay=False),
-        default=None,
-        help="Run folder (default: savedmodels/<run-name>/).",
-    )(fn)
-
-
-def _data_options(fn: Callable) -> Callable:
-    fn = click.option(
-        "--val-split",
-        type=float,
-        default=0.2,
-        show_default=True,
-        help="Validation fraction when the data has no split.",
-    )(fn)
-    return click.option(
-        "--data",
-        default="digits",
-        show_default=True,
-        help="'digits', a .npz file (x_train,y_train,x_val,y_val or x,y) or an image folder.",
-    )(fn)
-
-
-def _baseline_options(fn: Callable) -> Callable:
-    for opt in reversed(
-        [
-            click.option(
-                "--arch",
-                type=click.Choice(["cnn", "mlp"]),
-                default="cnn",
-                show_default=True,
-                help="Built-in baseline architecture.",
-            ),
-            click.option(
-                "--model",
-                "model_path",
-                type=click.Path(),
-                default=None,
-                help="Adopt this .keras model instead of training one.",
-            ),
-            click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
-            click.option(
-                "--strategy",
-                type=click.Choice(["default", "mirrored", "multiworker"]),
-                default="default",
-                show_default=True,
-                help="tf.distribute strategy.",
-            ),
-            click.option(
-                "--carbon-intensity",
-                default=None,
-                help="gCO2e/kWh or a country code (default 475, world average).",
-            ),
-            click.option("--pue", type=float, default=1.0, show_default=True, help="PUE."),
-            click.option(
-                "--cpu-tdp",
-                "cpu_tdp_w",
-                type=float,
-                default=None,
-                help="CPU TDP in watts for the energy estimate.",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def _recipe_options(fn: Callable) -> Callable:
-    for opt in reversed(
-        [
-            click.option(
-                "--recipe",
-                type=click.Path(dir_okay=False),
-                default=None,
-                help="Start from this recipe YAML instead of the defaults.",
-            ),
-            click.option(
-                "--method",
-                "methods",
-                multiple=True,
-                help="Method(s) to apply (repeatable): magnitude, movement, structured, "
-                "lowrank, lora, lottery.",
-            ),
-            click.option("--target-sparsity", type=float, default=None, help="Target sparsity."),
-            click.option("--epochs", type=int, default=None, help="Fine-tune epochs."),
-            click.option("--batch-size", type=int, default=None, help="Batch size."),
-            click.option("--learning-rate", type=float, default=None, help="Learning rate."),
-            click.option(
-                "--jit-compile",
-                type=click.Choice(["on", "off", "auto"]),
-                default=None,
-                help="XLA for fine-tuning (auto: measure both, keep the faster).",
-            ),
-            click.option(
-                "--mixed-precision",
-                type=click.Choice(["on", "off"]),
-                default=None,
-                help="mixed_float16 fine-tuning.",
-            ),
-            click.option(
-                "--quantization",
-                type=click.Choice(["none", "dynamic", "float16", "int8"]),
-                default=None,
-                help="TFLite quantization.",
-            ),
-            click.option(
-                "--max-accuracy-drop",
-                type=float,
-                default=None,
-                help="Validation gate: largest allowed accuracy drop (0.01 = 1 point).",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def _quiet(fn: Callable) -> Callable:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
+_quiet = verbosity_options  # -q / -v; read with current_console()
 
 
 def _run_dir(out: str | None, run_name: str | None):
@@ -199,28 +81,33 @@ def _run_dir(out: str | None, run_name: str | None):
     return run_dir_for(out, run_name)
 
 
-def _mp(value: str | None) -> bool | None:
-    return None if value is None else value == "on"
-
-
 def _summary(result: Any) -> str:
-    e = result.entry
+    e = result.record
     parts = [f"{result.stage}:"]
-    if e.get("accuracy") is not None:
-        parts.append(f"accuracy {e['accuracy']:.4f}")
-    if e.get("params"):
+    if e.accuracy is not None:
+        parts.append(f"accuracy {e.accuracy:.4f}")
+    if e.params:
         parts.append(
-            f"params {e['params']:,} (nonzero {e['nonzero_params']:,}, "
-            f"{1 - e['nonzero_params'] / e['params']:.1%} zeros)"
+            f"params {e.params:,} (nonzero {e.nonzero_params:,}, "
+            f"{1 - e.nonzero_params / e.params:.1%} zeros)"
         )
-    if e.get("gzip_bytes") is not None:
-        parts.append(f"gzip {e['gzip_bytes'] / 1024:.1f} KB")
-    parts.append(f"[{e['duration_s']:.1f} s, {e['energy_j']:.1f} J {e['energy_method']}]")
+    if e.gzip_bytes is not None:
+        parts.append(f"gzip {e.gzip_bytes / 1024:.1f} KB")
+    parts.append(f"[{e.duration_s:.1f} s, {e.energy_j:.1f} J {e.energy_method}]")
     artifacts = ", ".join(str(p) for p in result.artifacts.values())
     return " ".join(parts) + (f" -> {artifacts}" if artifacts else "")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _StepsFirstGroup(click.Group):
+    """Lists the five steps in pipeline order, then the other commands by name."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        steps = [n for n in STEP_COMMANDS if n in names]
+        return steps + sorted(n for n in names if n not in STEP_COMMANDS)
+
+
+@click.group(cls=_StepsFirstGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors (every command).")
 @click.version_option(__version__, prog_name="keras-lean")
 @click.pass_context
@@ -240,9 +127,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-@_run_options
-@_data_options
-@_baseline_options
+@opts.run_options
+@opts.data_options
+@opts.baseline_options
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Adam LR.")
@@ -263,99 +150,96 @@ def baseline(
     epochs,
     batch_size,
     learning_rate,
-    quiet,
+    sequence_length=None,
 ):
     """Step 1: train a baseline (--arch) or adopt your model (--model); writes baseline.keras."""
     from keras_lean.pipeline import train_baseline
 
-    result = train_baseline(
-        _run_dir(out, run_name),
-        data=data,
-        arch=arch,
-        model_path=model_path,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        val_split=val_split,
-        seed=seed,
-        strategy=strategy,
-        carbon_intensity=_carbon(carbon_intensity),
-        pue=pue,
-        cpu_tdp_w=cpu_tdp_w,
-        verbose=0 if quiet else 1,
-    )
+    con, folder = current_console(), _run_dir(out, run_name)
+    context = dict(arch=arch, model_path=model_path, data=data, epochs=epochs)
+    with con.watch(folder.root, baseline=context):
+        result = train_baseline(
+            folder,
+            data=data,
+            arch=arch,
+            model_path=model_path,
+            sequence_length=sequence_length,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            val_split=val_split,
+            seed=seed,
+            strategy=strategy,
+            carbon_intensity=opts.carbon(carbon_intensity),
+            pue=pue,
+            cpu_tdp_w=cpu_tdp_w,
+            verbose=con.keras_verbose,
+            callbacks=con.callbacks("baseline"),
+        )
     click.echo(_summary(result))
 
 
 @cli.command()
-@_run_options
-@_recipe_options
+@opts.run_options
+@opts.recipe_options
 @click.option("--force", is_flag=True, help="Overwrite an existing recipe.yaml.")
+@_quiet
 @_library_call
-def configure(
-    out,
-    run_name,
-    recipe,
-    methods,
-    target_sparsity,
-    epochs,
-    batch_size,
-    learning_rate,
-    jit_compile,
-    mixed_precision,
-    quantization,
-    max_accuracy_drop,
-    force,
-):
+def configure(out, run_name, recipe, overrides, force):
     """Step 2: write recipe.yaml (commented, listing the prunable layers) for you to edit."""
     from keras_lean.pipeline import configure as configure_
 
-    result = configure_(
-        _run_dir(out, run_name),
-        recipe=recipe,
-        methods=list(methods) or None,
-        target_sparsity=target_sparsity,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        jit_compile=jit_compile,
-        mixed_precision=_mp(mixed_precision),
-        quantization=quantization,
-        max_accuracy_drop=max_accuracy_drop,
-        force=force,
-    )
+    folder = _run_dir(out, run_name)
+    with current_console().watch(folder.root):
+        result = configure_(folder, recipe=recipe, overrides=overrides, force=force)
     click.echo(_summary(result))
 
 
 @cli.command()
-@_run_options
+@opts.run_options
 @click.option("--resume", is_flag=True, help="Continue from the last epoch's checkpoint.")
 @click.option(
     "--strategy",
-    type=click.Choice(["default", "mirrored", "multiworker"]),
+    type=click.Choice(STRATEGIES),
     default=None,
     help="Override the run's tf.distribute strategy.",
 )
 @_quiet
 @_library_call
-def finetune(out, run_name, resume, strategy, quiet):
-    """Step 3: apply the recipe during fine-tuning; writes finetuned.keras."""
-    from keras_lean.pipeline import finetune as finetune_
+def finetune(out, run_name, resume, strategy):
+    """Step 3: apply the recipe during fine-tuning; writes finetuned.keras.
 
-    result = finetune_(
-        _run_dir(out, run_name), resume=resume, strategy=strategy, verbose=0 if quiet else 1
-    )
+    Ctrl-C stops after the current step; `--resume` continues from the last epoch's checkpoint.
+    """
+    from keras_lean.pipeline import finetune as finetune_
+    from keras_lean.pipeline.interrupt import interrupt_callback
+
+    con, folder = current_console(), _run_dir(out, run_name)
+    with con.watch(folder.root):
+        result = finetune_(
+            folder,
+            resume=resume,
+            strategy=strategy,
+            verbose=con.keras_verbose,
+            callbacks=[*con.callbacks("finetune"), interrupt_callback()],
+        )
     click.echo(_summary(result))
+    for key in ("resume_note", "lock_note"):
+        if result.record.details.get(key):
+            con.line(f"  note: {result.record.details[key]}")
 
 
 @cli.command()
-@_run_options
+@opts.run_options
+@_quiet
 @_library_call
 def validate(out, run_name):
     """Step 4: compare baseline and fine-tuned accuracy; exit 1 if the drop is too large."""
     from keras_lean.pipeline import validate as validate_
 
-    result = validate_(_run_dir(out, run_name))
+    folder = _run_dir(out, run_name)
+    with current_console().watch(folder.root):
+        result = validate_(folder)
     _echo_validation(result)
     if not result.passed:
         click.get_current_context().exit(1)
@@ -371,21 +255,19 @@ def _echo_validation(result: Any) -> None:
 
 
 @cli.command()
-@_run_options
-@click.option(
-    "--quantization",
-    type=click.Choice(["none", "dynamic", "float16", "int8"]),
-    default=None,
-    help="Override the recipe's TFLite quantization.",
-)
+@opts.run_options
+@opts.quantization_option("Override the recipe's TFLite quantization.")
+@_quiet
 @_library_call
 def deploy(out, run_name, quantization):
     """Step 5: strip wrappers, export SavedModel + TFLite, check in the interpreter, measure."""
     from keras_lean.pipeline import deploy as deploy_
 
-    result = deploy_(_run_dir(out, run_name), quantization=quantization)
+    folder = _run_dir(out, run_name)
+    with current_console().watch(folder.root, deploy=dict(quantization=quantization)):
+        result = deploy_(folder, quantization=quantization)
     click.echo(_summary(result))
-    d = result.entry["details"]
+    d = result.record.details
     exp = d["export"]
     if exp.get("max_abs_diff") is not None:
         click.echo(
@@ -398,13 +280,14 @@ def deploy(out, run_name, quantization):
 
 
 @cli.command(name="run")
-@_run_options
-@_data_options
-@_baseline_options
+@opts.run_options
+@opts.data_options
+@opts.baseline_options
 @click.option(
     "--baseline-epochs", type=int, default=8, show_default=True, help="Baseline training epochs."
 )
-@_recipe_options
+@opts.recipe_options
+@opts.distribution_options
 @_quiet
 @_library_call
 def run_cmd(
@@ -421,46 +304,44 @@ def run_cmd(
     cpu_tdp_w,
     baseline_epochs,
     recipe,
-    methods,
-    target_sparsity,
-    epochs,
-    batch_size,
-    learning_rate,
-    jit_compile,
-    mixed_precision,
-    quantization,
-    max_accuracy_drop,
-    quiet,
+    overrides,
+    distribution="none",
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
+    sequence_length=None,
 ):
     """All five steps with the same options (no options: digits, CNN, 80 % magnitude pruning)."""
+    from keras_lean.pipeline import distribution as dist
     from keras_lean.pipeline import report as report_
     from keras_lean.pipeline import run as run_
+    from keras_lean.pipeline.interrupt import interrupt_callback
 
-    folder = _run_dir(out, run_name)
-    result = run_(
-        folder,
-        data=data,
-        arch=arch,
-        model_path=model_path,
-        baseline_epochs=baseline_epochs,
-        val_split=val_split,
-        seed=seed,
-        strategy=strategy,
-        recipe=recipe,
-        methods=list(methods) or None,
-        target_sparsity=target_sparsity,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        jit_compile=jit_compile,
-        mixed_precision=_mp(mixed_precision),
-        quantization=quantization,
-        max_accuracy_drop=max_accuracy_drop,
-        carbon_intensity=_carbon(carbon_intensity),
-        pue=pue,
-        cpu_tdp_w=cpu_tdp_w,
-        verbose=0 if quiet else 1,
-    )
+    dist.setup_from_cli(distribution, coordinator, num_processes, process_id)
+
+    con, folder = current_console(), _run_dir(out, run_name)
+    baseline_context = dict(arch=arch, model_path=model_path, data=data, epochs=baseline_epochs)
+    with con.watch(folder.root, baseline=baseline_context):
+        result = run_(
+            folder,
+            data=data,
+            arch=arch,
+            model_path=model_path,
+            sequence_length=sequence_length,
+            baseline_epochs=baseline_epochs,
+            val_split=val_split,
+            seed=seed,
+            strategy=strategy,
+            recipe=recipe,
+            overrides=overrides,
+            carbon_intensity=opts.carbon(carbon_intensity),
+            pue=pue,
+            cpu_tdp_w=cpu_tdp_w,
+            verbose=con.keras_verbose,
+            callbacks=[*con.callbacks("finetune"), interrupt_callback()],
+            baseline_callbacks=con.callbacks("baseline"),
+        )
+    con.line()
     click.echo(report_(folder).table())
     if not result.passed:
         click.echo("validation failed: deploy skipped", err=True)
@@ -488,15 +369,10 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Sweep folder: baseline/, one run folder per point, sweep.csv, sweep.png.",
 )
 @click.option(
-    "--methods",
-    callback=_comma_list,
-    help="Comma-separated methods (default: magnitude,movement,structured[,lottery]).",
+    "--methods", callback=_comma_list, cls=opts.LazyHelpOption, help_fn=opts.sweep_methods_help
 )
 @click.option(
-    "--targets",
-    callback=_comma_list,
-    help="Comma-separated targets in (0, 1) for every method: target_sparsity, or ratio for "
-    "structured (default: 0.5,0.7,0.8,0.9; structured 0.25,0.5).",
+    "--targets", callback=_comma_list, cls=opts.LazyHelpOption, help_fn=opts.sweep_targets_help
 )
 @click.option("--epochs", type=int, default=None, help="Fine-tune epochs per point.")
 @click.option(
@@ -507,13 +383,7 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option("--data", default=None, help="'digits' (default), a .npz file or an image folder.")
 @click.option("--val-split", type=float, default=None, help="Validation fraction (default 0.2).")
-@click.option(
-    "--arch",
-    type=click.Choice(["cnn", "mlp"]),
-    default="cnn",
-    show_default=True,
-    help="Built-in baseline architecture.",
-)
+@opts.arch_option
 @click.option(
     "--baseline-epochs", type=int, default=8, show_default=True, help="Baseline training epochs."
 )
@@ -526,7 +396,7 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--max-accuracy-drop", type=float, default=None, help="Validation gate and sweet-spot limit."
 )
-@click.option("--jit-compile", type=click.Choice(["on", "off", "auto"]), default=None, help="XLA.")
+@click.option("--jit-compile", type=click.Choice(opts.JIT_CHOICES), default=None, help="XLA.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Baseline random seed.")
 @click.option("--verbose", "-v", is_flag=True, help="Keras progress lines while training.")
 @_library_call
@@ -606,8 +476,15 @@ def sweep(
 @cli.command()
 @click.argument("run_folder", required=False, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's content as JSON.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw energy and accuracy per stage and per-layer sparsity (or widths) into "
+    "this PNG (needs matplotlib).",
+)
 @_library_call
-def report(run_folder, as_json):
+def report(run_folder, as_json, plot):
     """Print the run's table: stage, time, energy, CO2, accuracy, params, nonzero, gzip size."""
     from keras_lean.pipeline import report as report_
 
@@ -616,6 +493,14 @@ def report(run_folder, as_json):
         click.echo(json.dumps({**rep.to_dict(), "summary": rep.summary()}, indent=2))
     else:
         click.echo(rep.table())
+    if plot is not None:
+        from keras_lean.pipeline.plots import PLOT_INSTALL_HINT, plot_run
+
+        try:
+            path = plot_run(rep, plot)
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib ({PLOT_INSTALL_HINT}): {e}") from e
+        click.echo(f"-> {path}", err=as_json)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -640,7 +525,7 @@ def measure(out, name, carbon_intensity, pue, cpu_tdp_w, command):
             list(command),
             out,
             window_name=name,
-            carbon_intensity=_carbon(carbon_intensity),
+            carbon_intensity=opts.carbon(carbon_intensity),
             pue=pue,
             cpu_tdp_w=cpu_tdp_w,
         )
@@ -656,9 +541,11 @@ def measure(out, name, carbon_intensity, pue, cpu_tdp_w, command):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (`keras-lean`)."""
-    # Only the CLI process quiets TensorFlow's C++ start-up logging; the library never does.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Console entry point (`keras-lean`).
+
+    TensorFlow's logging is quieted by `keras_lean.console` around each command (not with `-v`);
+    the library never touches it.
+    """
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="keras-lean")
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import keras
 
 from keras_lean._hub import is_transformer_encoder, transformer_encoder_flops
+from keras_lean._keras_internals import mha_projections, model_calls, uses_gate
 
 __all__ = ["FlopsReport", "LayerFlops", "count_flops", "training_flops"]
 
@@ -186,10 +187,10 @@ def _mha_flops(layer: Any, args: list) -> int:
     f = tq * h * kd * (2 * int(q_shape[-1]) + bias)
     f += tk * h * kd * (2 * int(k_shape[-1]) + bias)
     f += tv * h * vd * (2 * int(v_shape[-1]) + bias)
-    if getattr(layer, "_use_gate", False):
+    if uses_gate(layer):
         f += tq * h * vd * (2 * int(q_shape[-1]) + bias + 1)
     f += 2 * h * tq * tk * kd + 2 * h * tq * tk * vd
-    out_shape = layer._output_dense.kernel.shape
+    out_shape = mha_projections(layer)["output"].kernel.shape
     d_out = math.prod(int(d) for d in out_shape[2:])
     f += tq * d_out * (2 * h * vd + bias)
     return f
@@ -258,35 +259,9 @@ def _params(layer: Any) -> int:
     )
 
 
-def _graph_nodes(model: Any) -> list:
-    """The call nodes of a built functional or Sequential model, inputs first."""
-    fn = model
-    if isinstance(model, keras.Sequential):
-        fn = getattr(model, "_functional", None)
-        if fn is None:
-            raise ValueError(
-                "count_flops needs a built model with a known input shape (start the Sequential "
-                f"with keras.Input). Received: model={model.name!r}, which is not built"
-            )
-    by_depth = getattr(fn, "_nodes_by_depth", None)
-    if by_depth is None:
-        raise ValueError(
-            "count_flops supports Sequential and functional models. Received: a subclassed "
-            f"model {type(model).__name__!r}"
-        )
-    nodes = []
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            if node.operation is None or node.is_input:
-                continue
-            nodes.append(node)
-    return nodes
-
-
-def _arg_shapes(node: Any) -> list:
+def _arg_shapes(call: Any) -> list:
     """Shapes of the positional-or-keyword tensor arguments (MHA: query, value, key)."""
-    args = list(node.arguments.args)
-    kwargs = node.arguments.kwargs
+    args, kwargs = call.arguments()
     for key in ("query", "value", "key"):
         if key in kwargs:
             args.append(kwargs[key])
@@ -294,15 +269,15 @@ def _arg_shapes(node: Any) -> list:
 
 
 def _collect(model: Any, prefix: str, rows: dict, order: list) -> None:
-    for node in _graph_nodes(model):
-        op = node.operation
+    for call in model_calls(model, "count_flops"):
+        op = call.layer
         if isinstance(op, keras.Model):
             _collect(op, f"{prefix}{op.name}/", rows, order)
             continue
         layer = _unwrap(op)
-        in_shapes = [_shape(t) for t in node.input_tensors]
-        out_shapes = [_shape(t) for t in node.outputs]
-        flops, note = _layer_flops(layer, in_shapes, out_shapes, _arg_shapes(node))
+        in_shapes = [_shape(t) for t in call.inputs]
+        out_shapes = [_shape(t) for t in call.outputs]
+        flops, note = _layer_flops(layer, in_shapes, out_shapes, _arg_shapes(call))
         name = prefix + op.name
         if name in rows:
             prev = rows[name]

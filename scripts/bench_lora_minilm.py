@@ -10,11 +10,15 @@ Configurations, trained with the same data, batch size, epochs and seed:
   full        every weight trainable (Adam, lr 5e-5)
   lora        `apply_lora` default targets (attention query/value), rank 4, head trainable
               (Adam, lr 1e-3), merged with `merge_lora` before the final evaluation
-  structured+lora  `prune_structured` (--structured-ratio of every encoder's feed-forward neurons;
-              --structured-importance taylor (default, 4 training batches) or l1; logits
-              excluded; the task's backbone is inlined; heads and the hidden width are kept:
-              keras-hub derives key_dim from them), then LoRA as above, merged. If a prune ever
-              removes nothing, the row prints "not available" with build_graph's skipped layers.
+  structured+lora  `prune_structured` (--structured-ratio of every encoder's attention heads
+              and of its feed-forward neurons; --structured-importance taylor (default, 4
+              training batches), auto, l1 or l2; logits excluded; the task's backbone is inlined;
+              the hidden width is kept; pruned blocks become PrunedTransformerEncoder, which keep
+              each head's width), then LoRA as above, merged. If a prune ever removes nothing,
+              the row prints "not available" with build_graph's skipped layers.
+
+Targets checked at the end: LoRA (trainable <= 2 %, time and energy per step <= 0.7x full,
+accuracy within 1 pt) and structured+LoRA (energy per step <= 0.37x full, accuracy within 1 pt).
 
 Printed per configuration: trainable parameters (and % of the model), median time per train step,
 energy per epoch and per step (keras_lean.energy's EnergyTracker; on a machine without RAPL or NVML
@@ -189,6 +193,14 @@ def structured_blockers(classifier, ratio: float) -> list[str]:
     return reasons
 
 
+def encoder_structure(model) -> str:
+    """`heads/feed-forward` per encoder block, e.g. `6/768 6/768 ...`."""
+    import keras_hub
+
+    blocks = [la for la in model.layers if isinstance(la, keras_hub.layers.TransformerEncoder)]
+    return " ".join(f"{b.num_heads}/{b.intermediate_dim}" for b in blocks)
+
+
 def evaluate(model, x_val, y_val, batch_size) -> float:
     logits = model.predict(x_val, batch_size=batch_size, verbose=0)
     return float(np.mean(np.argmax(logits, axis=-1) == y_val))
@@ -206,7 +218,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="runs per configuration")
     parser.add_argument("--structured-ratio", type=float, default=0.5)
-    parser.add_argument("--structured-importance", default="taylor", choices=["l1", "l2", "taylor"])
+    parser.add_argument(
+        "--structured-importance", default="taylor", choices=["auto", "l1", "l2", "taylor"]
+    )
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -276,7 +290,7 @@ def main() -> None:
         from keras_lean.structured import prune_structured
 
         original = fresh_classifier(seed)
-        taylor = args.structured_importance == "taylor"
+        taylor = args.structured_importance in ("taylor", "auto")
         pruned = prune_structured(
             original,
             args.structured_ratio,
@@ -293,6 +307,7 @@ def main() -> None:
         merged = merge_lora(lora)
         results["structured+lora"]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
         results["structured+lora"]["deployed_params"] = count(merged.weights)
+        results["structured+lora"]["structure"] = encoder_structure(merged)
         return results
 
     probe_model = fresh_classifier(args.seed)
@@ -345,6 +360,15 @@ def main() -> None:
         "energy/step <= 0.7 x full": lora_r["epoch_energy_j"] <= 0.7 * full["epoch_energy_j"],
         "accuracy within 1 point": lora_r["val_accuracy"] >= full["val_accuracy"] - 0.01,
     }
+    structured = results.get("structured+lora")
+    if structured is not None:
+        ratio = structured["epoch_energy_j"] / full["epoch_energy_j"]
+        print(f"structured+lora: encoders (heads/feed-forward) {structured['structure']}; "
+              f"energy/step {ratio:.2f} x full")  # fmt: skip
+        checks["structured+lora energy/step <= 0.37 x full"] = ratio <= 0.37
+        checks["structured+lora accuracy within 1 point"] = (
+            structured["val_accuracy"] >= full["val_accuracy"] - 0.01
+        )
     for check, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {check}")
     if args.json:

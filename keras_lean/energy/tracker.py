@@ -161,8 +161,15 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _sync_tensorflow() -> None:
-    """Wait for queued TensorFlow work, only if TensorFlow is already imported."""
+def _sync_devices() -> None:
+    """Wait for queued device work (JAX's async dispatch, TensorFlow's queues), for each
+    framework only if it is already imported."""
+    jax = sys.modules.get("jax")
+    if jax is not None and hasattr(jax, "live_arrays"):
+        # Every pending JAX computation ends in a live array: waiting on them drains the queue.
+        for value in jax.live_arrays():
+            value.block_until_ready()
+        jax.effects_barrier()
     tf = sys.modules.get("tensorflow")
     # tf.test.experimental.sync_devices (TF >= 2.13) waits for every device's queued ops.
     sync = getattr(getattr(getattr(tf, "test", None), "experimental", None), "sync_devices", None)
@@ -284,7 +291,7 @@ class EnergyTracker:
             raise ValueError(f"name must be a non-empty string. Received: name={name!r}")
         if self._closed:
             raise RuntimeError("This EnergyTracker is closed; make a new one to measure more.")
-        _sync_tensorflow()
+        _sync_devices()
         with self._lock:
             parent = self._stack[-1].name if self._stack else None
             w = Window(name, parent, flops)
@@ -299,7 +306,7 @@ class EnergyTracker:
         """Close a window opened with `open_window`, append and return its record."""
         if w.record is not None:
             return w.record
-        _sync_tensorflow()
+        _sync_devices()
         with self._lock:
             ends = [m.read() for m in self.meters]
             t1 = time.perf_counter()

@@ -13,22 +13,46 @@ Example:
 from __future__ import annotations
 
 from keras_lean.export.api import FORMATS, ExportReport, export_model, measure_latency_ms
+from keras_lean.export.equivalence import (
+    FLOAT_TOLERANCE,
+    Equivalence,
+    EquivalenceError,
+    compare_outputs,
+    tflite_equivalence,
+    tolerance_for,
+)
 from keras_lean.export.fold import fold_batchnorm
+from keras_lean.export.quantize import (
+    KERAS_QUANTIZATIONS,
+    KerasQuantizationReport,
+    quantize_keras,
+    quantize_keras_artifact,
+)
 from keras_lean.export.saved_model import export_saved_model
 from keras_lean.export.sizes import SizeReport, file_sizes, gzip_size, weight_sizes
+from keras_lean.export.sparse import SparseStorage, sparse_storage, tflite_ops
 from keras_lean.export.tflite import (
     QUANTIZATIONS,
+    SPARSE_QUANTIZATIONS,
     TFLiteRunner,
     convert_to_tflite,
     make_interpreter,
 )
 
 __all__ = [
+    "FLOAT_TOLERANCE",
     "FORMATS",
+    "KERAS_QUANTIZATIONS",
     "QUANTIZATIONS",
+    "SPARSE_QUANTIZATIONS",
+    "Equivalence",
+    "EquivalenceError",
     "ExportReport",
+    "KerasQuantizationReport",
     "SizeReport",
+    "SparseStorage",
     "TFLiteRunner",
+    "compare_outputs",
     "convert_to_tflite",
     "export_model",
     "export_saved_model",
@@ -37,5 +61,11 @@ __all__ = [
     "gzip_size",
     "make_interpreter",
     "measure_latency_ms",
+    "quantize_keras",
+    "quantize_keras_artifact",
+    "sparse_storage",
+    "tflite_equivalence",
+    "tflite_ops",
+    "tolerance_for",
     "weight_sizes",
 ]

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_lean.export.equivalence import SPARSE_TOLERANCE, compare_outputs, tolerance_for
 from keras_lean.export.saved_model import export_saved_model
 from keras_lean.export.sizes import file_sizes, weight_sizes
+from keras_lean.export.sparse import latency_note, sparse_storage
 from keras_lean.export.tflite import QUANTIZATIONS, TFLiteRunner, convert_to_tflite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +46,16 @@ class ExportReport:
         latency_batch_size: batch size of the latency measurement.
         keras_latency_ms: median time of one batch through the compiled Keras predict step.
         tflite_latency_ms: median time of one batch through the TFLite interpreter.
+        sparse_tflite: the `.tflite` file stores mostly-zero tensors in sparse format.
+        dense_tflite_raw_bytes: with `sparse_tflite`, the same export in dense format
+            (`<name>_dense.tflite`), for the comparison.
+        dense_tflite_gzip_bytes: its gzip size.
+        dense_tflite_latency_ms: its batch latency.
+        sparse_vs_dense_max_abs_diff: largest |sparse - dense-format| TFLite output difference.
+        sparse_storage: `SparseStorage.to_dict()` of the sparse file (values, index arrays,
+            entropy bound, DENSIFY ops).
+        sparse_latency_note: what the sparse format buys at run time here, in one sentence.
+        equivalence: one `Equivalence.to_dict()` per check (TFLite vs Keras; sparse vs dense).
     """
 
     quantization: str
@@ -63,13 +75,31 @@ class ExportReport:
     latency_batch_size: int | None = None
     keras_latency_ms: float | None = None
     tflite_latency_ms: float | None = None
+    sparse_tflite: bool = False
+    dense_tflite_raw_bytes: int | None = None
+    dense_tflite_gzip_bytes: int | None = None
+    dense_tflite_latency_ms: float | None = None
+    sparse_vs_dense_max_abs_diff: float | None = None
+    sparse_storage: dict | None = None
+    sparse_latency_note: str | None = None
+    equivalence: tuple[dict, ...] = ()
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
 
+    @property
+    def equivalence_passed(self) -> bool:
+        """Every equivalence check met its tolerance (True when none ran)."""
+        return all(e["passed"] for e in self.equivalence)
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "sparsity": self.sparsity}
+        return {
+            **dataclasses.asdict(self),
+            "equivalence": list(self.equivalence),
+            "equivalence_passed": self.equivalence_passed,
+            "sparsity": self.sparsity,
+        }
 
 
 def measure_latency_ms(fn: Callable[[np.ndarray], Any], x: np.ndarray, runs: int = 20) -> float:
@@ -97,13 +127,20 @@ def export_model(
     check_y: np.ndarray | None = None,
     latency_batch_size: int = 32,
     latency_runs: int = 20,
+    sparse: bool = False,
 ) -> ExportReport:
     """Exports a Keras model for deployment and checks the TFLite file against Keras.
 
     Writes `out_dir/<name>_saved_model/` (SavedModel, endpoint `serve`) and
     `out_dir/<name>.tflite`, loads the `.tflite` in the interpreter, runs `check_x` through both
     and records the max abs difference, accuracies (if `check_y`), sizes, parameter counts and
-    the batch latency of Keras and TFLite.
+    the batch latency of Keras and TFLite. Each comparison is also an `Equivalence` in
+    `report.equivalence`: the float export must match Keras to `FLOAT_TOLERANCE`.
+
+    With `sparse=True` the `.tflite` file stores mostly-zero tensors in TFLite's sparse format;
+    the same export in dense format is written beside it (`<name>_dense.tflite`), both run on
+    `check_x`, and the report gives both sizes (raw and gzip), both latencies, their output
+    difference (they must agree to `SPARSE_TOLERANCE`) and the sparse storage's breakdown.
 
     Args:
         model: a plain Keras model (wrappers stripped).
@@ -116,6 +153,7 @@ def export_model(
         check_y: their integer labels, for accuracies.
         latency_batch_size: batch size of the latency measurement.
         latency_runs: timed batches per runtime.
+        sparse: convert with sparse storage (for unstructured and N:M pruned models).
 
     Returns:
         An `ExportReport`.
@@ -158,29 +196,88 @@ def export_model(
             saved_model_path=str(sm), saved_model_raw_bytes=raw, saved_model_gzip_bytes=gz
         )
     if "tflite" in formats:
-        path = convert_to_tflite(
-            model,
-            out_dir / f"{name}.tflite",
-            quantization=quantization,
-            calibration_x=calibration_x,
-        )
-        raw, gz = file_sizes(path)
-        fields.update(tflite_path=str(path), tflite_raw_bytes=raw, tflite_gzip_bytes=gz)
-        if check_x is not None and len(check_x):
-            runner = TFLiteRunner(path)
-            keras_out = np.asarray(model.predict(check_x, batch_size=256, verbose=0))
-            lite_out = np.concatenate(
-                [runner(check_x[i : i + 256]) for i in range(0, len(check_x), 256)]
-            )
-            fields["max_abs_diff"] = float(np.max(np.abs(lite_out - keras_out)))
-            if check_y is not None:
-                y = np.asarray(check_y).reshape(-1)
-                fields["keras_accuracy"] = float(np.mean(keras_out.argmax(-1) == y))
-                fields["tflite_accuracy"] = float(np.mean(lite_out.argmax(-1) == y))
-            batch = np.resize(check_x, (latency_batch_size, *check_x.shape[1:]))
-            fields.update(
+        fields.update(
+            _export_tflite(
+                model,
+                out_dir,
+                name,
+                quantization=quantization,
+                calibration_x=calibration_x,
+                check_x=check_x,
+                check_y=check_y,
                 latency_batch_size=latency_batch_size,
-                keras_latency_ms=measure_latency_ms(model.predict_on_batch, batch, latency_runs),
-                tflite_latency_ms=measure_latency_ms(runner, batch, latency_runs),
+                latency_runs=latency_runs,
+                sparse=sparse,
             )
+        )
     return ExportReport(**fields)
+
+
+def _export_tflite(
+    model: keras.Model,
+    out_dir: Path,
+    name: str,
+    *,
+    quantization: str,
+    calibration_x: np.ndarray | None,
+    check_x: np.ndarray | None,
+    check_y: np.ndarray | None,
+    latency_batch_size: int,
+    latency_runs: int,
+    sparse: bool,
+) -> dict[str, Any]:
+    """`export_model`'s TFLite part: convert (sparse and dense format), check, measure."""
+    convert = dict(quantization=quantization, calibration_x=calibration_x)
+    path = convert_to_tflite(model, out_dir / f"{name}.tflite", sparse=sparse, **convert)
+    raw, gz = file_sizes(path)
+    fields: dict[str, Any] = dict(
+        tflite_path=str(path), tflite_raw_bytes=raw, tflite_gzip_bytes=gz, sparse_tflite=sparse
+    )
+    dense = None
+    if sparse:
+        dense = convert_to_tflite(model, out_dir / f"{name}_dense.tflite", **convert)
+        fields["dense_tflite_raw_bytes"], fields["dense_tflite_gzip_bytes"] = file_sizes(dense)
+        fields["sparse_storage"] = sparse_storage(path).to_dict()
+    if check_x is None or not len(check_x):
+        return fields
+    runner = TFLiteRunner(path)
+    eq = compare_outputs(
+        model,
+        runner,
+        check_x,
+        check_y,
+        tolerance=tolerance_for(quantization),
+        candidate_name=f"tflite:{quantization}" + (":sparse" if sparse else ""),
+    )
+    checks = [eq.to_dict()]
+    fields["max_abs_diff"] = eq.max_abs_diff
+    fields["keras_accuracy"] = eq.reference_accuracy
+    fields["tflite_accuracy"] = eq.candidate_accuracy
+    batch = np.resize(check_x, (latency_batch_size, *check_x.shape[1:]))
+    fields.update(
+        latency_batch_size=latency_batch_size,
+        keras_latency_ms=measure_latency_ms(model.predict_on_batch, batch, latency_runs),
+        tflite_latency_ms=measure_latency_ms(runner, batch, latency_runs),
+    )
+    if dense is not None:
+        dense_runner = TFLiteRunner(dense)
+        vs_dense = compare_outputs(
+            dense_runner,
+            runner,
+            check_x,
+            check_y,
+            tolerance=SPARSE_TOLERANCE,
+            reference_name=f"tflite:{quantization}:dense",
+            candidate_name=f"tflite:{quantization}:sparse",
+        )
+        checks.append(vs_dense.to_dict())
+        dense_ms = measure_latency_ms(dense_runner, batch, latency_runs)
+        fields.update(
+            sparse_vs_dense_max_abs_diff=vs_dense.max_abs_diff,
+            dense_tflite_latency_ms=dense_ms,
+            sparse_latency_note=latency_note(
+                sparse_storage(path), fields["tflite_latency_ms"], dense_ms
+            ),
+        )
+    fields["equivalence"] = tuple(checks)
+    return fields

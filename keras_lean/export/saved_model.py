@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keras_lean._files import give_default_modes, temp_dir_beside
+
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
@@ -30,11 +32,12 @@ def export_saved_model(model: keras.Model, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)
     old = None
     try:
         target = tmp / "saved_model"
         model.export(str(target), format="tf_saved_model", verbose=False)
+        give_default_modes(target)  # TensorFlow makes its folders 0755 whatever the umask
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

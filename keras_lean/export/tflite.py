@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,18 +10,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_lean._files import temp_file_beside
+
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+# Quantizations that sparse storage works with: with "dynamic" (hybrid int8 weights) the converter
+# writes a file the interpreter's default XNNPACK delegate fails to prepare (TF 2.21).
+SPARSE_QUANTIZATIONS = ("none", "float16", "int8")
 
 
-def _converter_kwargs(quantization: str, calibration_x: np.ndarray | None) -> dict[str, Any]:
+def _converter_kwargs(
+    quantization: str, calibration_x: np.ndarray | None, sparse: bool = False
+) -> dict[str, Any]:
     import tensorflow as tf
 
+    # EXPERIMENTAL_SPARSITY stores weights that are mostly zero in TFLite's sparse format (CSR-like
+    # index arrays); with DEFAULT it is sparsity-preserving quantization.
+    sparsity = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
     if quantization == "none":
-        return {}
-    kwargs: dict[str, Any] = {"optimizations": [tf.lite.Optimize.DEFAULT]}
+        return {"optimizations": sparsity} if sparse else {}
+    kwargs: dict[str, Any] = {"optimizations": [tf.lite.Optimize.DEFAULT, *sparsity]}
     if quantization == "float16":
         kwargs["target_spec"] = {"supported_types": [tf.float16]}
     elif quantization == "int8":
@@ -46,6 +55,7 @@ def convert_to_tflite(
     *,
     quantization: str = "none",
     calibration_x: np.ndarray | None = None,
+    sparse: bool = False,
 ) -> Path:
     """Converts a Keras model to a `.tflite` file with Keras' LiteRT exporter.
 
@@ -56,16 +66,23 @@ def convert_to_tflite(
             `"float16"` (float16 weights) or `"int8"` (int8 weights and activations calibrated
             on `calibration_x`; the input and output stay float32).
         calibration_x: samples for `int8` calibration (training samples, one per step).
+        sparse: store mostly-zero weight tensors in TFLite's sparse format
+            (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`; with a quantization, sparsity-preserving
+            quantization). The converter decides per tensor (it keeps dense the ones too dense
+            to gain); outputs equal the dense-format file's. The runtime densifies the weights
+            when it prepares the model, so the file shrinks but inference is not faster.
 
     Returns:
         The destination path.
 
     Raises:
-        ValueError: unknown `quantization`, a path not ending in `.tflite`, or `int8` without
-            calibration samples.
+        ValueError: unknown `quantization`, a path not ending in `.tflite`, `int8` without
+            calibration samples, or `sparse` with `dynamic` quantization.
 
     Example:
         >>> convert_to_tflite(model, "out/model.tflite", quantization="dynamic")
+        >>> convert_to_tflite(pruned, "out/sparse.tflite", quantization="int8",
+        ...                   calibration_x=x_train[:100], sparse=True)
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(
@@ -75,10 +92,15 @@ def convert_to_tflite(
     path = Path(path)
     if path.suffix != ".tflite":
         raise ValueError(f"A TFLite file must end in '.tflite'. Received: path={str(path)!r}")
-    kwargs = _converter_kwargs(quantization, calibration_x)
+    if sparse and quantization not in SPARSE_QUANTIZATIONS:
+        raise ValueError(
+            f"sparse=True works with quantization {', '.join(SPARSE_QUANTIZATIONS)}: with "
+            f"{quantization!r} the TFLite runtime cannot prepare the file (XNNPACK fails on "
+            "sparse hybrid weights). Use quantization='int8' (sparsity-preserving) or sparse=False."
+        )
+    kwargs = _converter_kwargs(quantization, calibration_x, sparse)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.tflite", dir=path.parent)
-    os.close(fd)
+    tmp = str(temp_file_beside(path, ".tflite"))  # the umask's mode, kept by the rename
     try:
         model.export(tmp, format="litert", verbose=False, **kwargs)
         os.replace(tmp, path)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from keras_lean import _keras_internals as internals
 from keras_lean.lowrank._model import (
     Filters,
     check_filters,
@@ -36,8 +37,9 @@ from keras_lean.lowrank._model import (
     copy_model,
     describe_filters,
     iter_layers,
-    layer_path,
+    layer_paths,
     matches,
+    named_layers,
 )
 
 _LORA_FACTORS = {
@@ -50,14 +52,14 @@ _LORA_FACTORS = {
 
 def supports_lora(layer: keras.layers.Layer) -> bool:
     """Whether Keras can enable LoRA on `layer`: it has `enable_lora` and a kernel/embeddings."""
-    return hasattr(layer, "enable_lora") and (
-        hasattr(layer, "_kernel") or hasattr(layer, "_embeddings")
-    )
+    return hasattr(layer, "enable_lora") and internals.has_base_matrix(layer)
 
 
 def _base_matrix(layer: keras.layers.Layer):
     """The frozen weight LoRA adapts: the kernel, or the embeddings table of an `Embedding`."""
-    return layer._kernel if hasattr(layer, "_kernel") else layer._embeddings
+    if isinstance(layer, keras.layers.Embedding):
+        return internals.layer_embeddings(layer)
+    return internals.layer_kernel(layer)
 
 
 def _rank_bound(layer: keras.layers.Layer) -> int:
@@ -82,11 +84,8 @@ def default_lora_targets(model: keras.Model) -> list[keras.layers.Layer]:
     if attention:
         found = []
         for mha in attention:
-            # Keras' MultiHeadAttention keeps its projections in these attributes.
-            for attr in ("_query_dense", "_value_dense"):
-                projection = getattr(mha, attr, None)
-                if projection is not None:
-                    found.append(projection)
+            projections = internals.mha_projections(mha)
+            found.extend(p for p in (projections["query"], projections["value"]) if p is not None)
         return found
     return [lyr for lyr in layers if type(lyr) is keras.layers.Dense]
 
@@ -101,7 +100,11 @@ def _select_targets(model: keras.Model, targets: Filters) -> list[keras.layers.L
                 f"Layers that support LoRA: {_candidate_paths(model)}"
             )
         return chosen
-    chosen = [lyr for lyr in iter_layers(model) if supports_lora(lyr) and matches(targets, lyr)]
+    chosen = [
+        lyr
+        for path, lyr in named_layers(model)
+        if supports_lora(lyr) and matches(targets, lyr, path)
+    ]
     if not chosen:
         raise ValueError(
             f"`targets` matched no layer that supports LoRA. Received: "
@@ -112,7 +115,7 @@ def _select_targets(model: keras.Model, targets: Filters) -> list[keras.layers.L
 
 
 def _candidate_paths(model: keras.Model) -> list[str]:
-    return [layer_path(lyr) for lyr in iter_layers(model) if supports_lora(lyr)]
+    return [path for path, lyr in named_layers(model) if supports_lora(lyr)]
 
 
 def apply_lora(
@@ -169,8 +172,9 @@ def apply_lora(
 
     new = copy_model(model)
     chosen = _select_targets(new, targets)
+    paths = layer_paths(new)
     for layer in chosen:
-        path = layer_path(layer)
+        path = paths[id(layer)]
         if not supports_lora(layer):
             raise ValueError(f"Layer {path!r} ({type(layer).__name__}) does not support LoRA.")
         if getattr(layer, "lora_enabled", False):
@@ -199,16 +203,16 @@ def apply_lora(
     for layer in chosen:
         layer.trainable = True
         layer.enable_lora(rank, lora_alpha=alpha)
-        for variable in layer._trainable_variables:
+        for variable in internals.own_trainable_variables(layer):
             if variable.name not in _LORA_FACTORS:
                 variable.trainable = False
     if keep_trainable is not None:
-        kept = [lyr for lyr in iter_layers(new) if matches(keep_trainable, lyr)]
+        kept = [lyr for path, lyr in named_layers(new) if matches(keep_trainable, lyr, path)]
         if not kept:
             raise ValueError(
                 f"`keep_trainable` matched no layer. Received: "
                 f"keep_trainable={describe_filters(keep_trainable)}. Layer paths: "
-                f"{[layer_path(lyr) for lyr in iter_layers(new) if lyr.weights]}"
+                f"{[path for path, lyr in named_layers(new) if lyr.weights]}"
             )
         for layer in kept:
             layer.trainable = True
@@ -268,11 +272,12 @@ def lora_summary(model: keras.Model) -> dict:
     total = int(sum(np.prod(v.shape) for v in model.weights))
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     layers = []
+    paths = layer_paths(model)
     for layer in lora_layers(model):
         n = int(sum(np.prod(v.shape) for v in layer.weights if v.name in _LORA_FACTORS))
         layers.append(
             {
-                "path": layer_path(layer),
+                "path": paths[id(layer)],
                 "rank": int(layer.lora_rank),
                 "alpha": float(layer.lora_alpha),
                 "adapter_params": n,

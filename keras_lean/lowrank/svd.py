@@ -16,14 +16,16 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lean import _backend
+from keras_lean import _keras_internals as internals
 from keras_lean.lowrank._model import (
     Filters,
     check_filters,
     check_model,
-    iter_layers,
-    layer_path,
     matches,
+    named_layers,
     own_variables,
+    paired_layers,
 )
 
 
@@ -181,10 +183,16 @@ class FactorizationReport:
     def factorized(self) -> tuple[LayerFactorization, ...]:
         return tuple(entry for entry in self.layers if entry.factorized)
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """`{layer path: why it was left alone}` for every candidate that was not factorized."""
+        return {entry.path: entry.reason for entry in self.layers if not entry.factorized}
+
     def to_dict(self) -> dict:
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "skipped": self.skipped,
             "layers": [entry.to_dict() for entry in self.layers],
         }
 
@@ -204,7 +212,7 @@ class FactorizationReport:
 
 def _dense_like_einsum(layer: keras.layers.EinsumDense) -> str:
     """Returns "" when the EinsumDense is a Dense on its last axis, else why it is not."""
-    kernel_rank = len(layer._kernel.shape)
+    kernel_rank = len(internals.layer_kernel(layer).shape)
     if kernel_rank != 2:
         return f"kernel has {kernel_rank} axes; only a 2-D kernel (a Dense on the last axis) is"
     m = re.fullmatch(r"([a-zA-Z.]*),([a-zA-Z]{2})->([a-zA-Z.]*)", layer.equation.replace(" ", ""))
@@ -251,13 +259,14 @@ def factorize(
     axis, of a Sequential or functional model (nested models included), selected by `filters`. Each
     kernel W (in x out) is factored at `rank`, or at the smallest rank keeping a share `energy` of
     its spectral energy, into a `LowRankDense` with the same name, bias and activation. A layer is
-    left alone (and the report says why) when factoring saves no parameters:
-    rank * (in + out) >= in * out. `model` is not touched.
+    skipped, and `report.skipped` says why, where factoring would save no parameters
+    (rank * (in + out) >= in * out, which includes a fixed rank above min(in, out): a 10-class
+    head at `rank=32`). `model` is not touched.
 
     Args:
         model: a built Sequential or functional Keras model.
-        rank: a fixed rank for every factorized layer, in [1, min(in, out)] of each candidate;
-            None picks the rank per layer from `energy`.
+        rank: a fixed rank for every factorized layer; layers it does not fit are skipped. None
+            picks the rank per layer from `energy`.
         energy: share of the sum of squared singular values to keep, in (0, 1]; used when `rank`
             is None.
         filters: which layers are candidates: regex string(s) searched in the layer path or a
@@ -265,18 +274,19 @@ def factorize(
 
     Returns:
         `(new_model, report)`: the factorized copy and a `FactorizationReport` with per-layer
-        parameters before/after, rank and relative reconstruction error.
+        parameters before/after, rank, relative reconstruction error, and `skipped`
+        (`{path: reason}` for the candidates left alone).
 
     Raises:
-        ValueError: bad `rank` or `energy`, a fixed rank above min(in, out) of a candidate,
-            or a model that is not Sequential/functional.
+        ValueError: bad `rank` or `energy`, a fixed rank that fits no candidate layer, or a
+            model that is not Sequential/functional.
         TypeError: `model` is not a Keras model or `filters` has the wrong type.
 
     Example:
 
     ```python
-    small, report = factorize(model, energy=0.9, filters="dense")
-    print(report)
+    small, report = factorize(model, rank=32)   # layers narrower than 64 are skipped
+    print(report.skipped)
     ```
     """
     check_model(model)
@@ -290,74 +300,33 @@ def factorize(
     if not isinstance(model, keras.Sequential) and not _is_plain_functional(model):
         raise ValueError(
             "factorize supports Sequential and functional models, whose layers can be swapped "
-            f"by keras.models.clone_model. Received: a {type(model).__name__} model"
+            "by keras.models.clone_model; rebuild this one with the functional API "
+            "(keras.Model(inputs, outputs)) or as a keras.Sequential, or put LowRankDense "
+            f"layers in it yourself. Received: a {type(model).__name__} model"
         )
+    rank = None if rank is None else int(rank)
 
     plans: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
     entries = []
-    for layer in iter_layers(model):
+    for path, layer in named_layers(model):
         layer_type = _candidate(layer)
-        if layer_type is None or not matches(filters, layer):
+        if layer_type is None or not matches(filters, layer, path):
             continue
-        path = layer_path(layer)
-        kernel = keras.ops.convert_to_numpy(layer._kernel)
-        bias_params = 0 if layer.bias is None else int(np.prod(layer.bias.shape))
-        in_dim, out_dim = (int(d) for d in kernel.shape[-2:]) if kernel.ndim >= 2 else (0, 0)
-        before = int(kernel.size) + bias_params
-        why = _dense_like_einsum(layer) if layer_type == "EinsumDense" else ""
-        if not why and getattr(layer, "lora_enabled", False):
-            why = "LoRA is enabled on it (merge_lora first)"
-        if not why and layer.quantization_mode is not None:
-            why = f"it is quantized ({layer.quantization_mode})"
-        if why:
-            entries.append(
-                LayerFactorization(
-                    path, layer_type, in_dim, out_dim, None, before, before, None, None, False, why
-                )  # fmt: skip
-            )
-            continue
-        if rank is not None and rank > min(in_dim, out_dim):
-            raise ValueError(
-                f"`rank` must be in [1, min(in, out)] = [1, {min(in_dim, out_dim)}] for layer "
-                f"{path!r} (kernel {in_dim}x{out_dim}). Received: rank={rank}. Use `filters` to "
-                "leave small layers out."
-            )
-        u, s, vt = np.linalg.svd(kernel.astype("float64"), full_matrices=False)
-        r = _rank_for(s, rank, energy)
-        total = float((s**2).sum())
-        kept = float((s[:r] ** 2).sum() / total) if total else 1.0
-        rel_err = float(np.sqrt(max(total - (s[:r] ** 2).sum(), 0.0) / total)) if total else 0.0
-        after = r * (in_dim + out_dim) + bias_params
-        if after >= before:
-            entries.append(
-                LayerFactorization(
-                    path,
-                    layer_type,
-                    in_dim,
-                    out_dim,
-                    r,
-                    before,
-                    before,
-                    rel_err,
-                    kept,
-                    False,
-                    f"rank {r} saves nothing: {r}*({in_dim}+{out_dim}) >= {in_dim}*{out_dim}",
-                )  # fmt: skip
-            )
-            continue
-        root = np.sqrt(s[:r])
-        plans[id(layer)] = (u[:, :r] * root, root[:, None] * vt[:r], r)
-        entries.append(
-            LayerFactorization(
-                path, layer_type, in_dim, out_dim, r, before, after, rel_err, kept, True
-            )  # fmt: skip
-        )
+        entry, plan = _plan_layer(layer, path, layer_type, rank, energy)
+        entries.append(entry)
+        if plan is not None:
+            plans[id(layer)] = plan
+    report = FactorizationReport(tuple(entries))
+    if rank is not None and entries and not plans:
+        _raise_rank_fits_nothing(rank, report)
 
     def clone(layer):
         if id(layer) in plans:
             _, _, r = plans[id(layer)]
             units = (
-                layer.units if isinstance(layer, keras.layers.Dense) else layer._kernel.shape[-1]
+                layer.units
+                if isinstance(layer, keras.layers.Dense)
+                else internals.layer_kernel(layer).shape[-1]
             )
             return LowRankDense(
                 units=int(units),
@@ -372,34 +341,105 @@ def factorize(
 
     new = keras.models.clone_model(model, clone_function=clone, recursive=True)
     _transfer(model, new, plans)
-    return new, FactorizationReport(tuple(entries))
+    return new, report
+
+
+def _plan_layer(
+    layer: keras.layers.Layer, path: str, layer_type: str, rank: int | None, energy: float
+) -> tuple[LayerFactorization, tuple[np.ndarray, np.ndarray, int] | None]:
+    """What to do with one candidate: its report entry, and `(u, v, rank)` if it is factored."""
+    kernel = keras.ops.convert_to_numpy(internals.layer_kernel(layer))
+    bias_params = 0 if layer.bias is None else int(np.prod(layer.bias.shape))
+    in_dim, out_dim = (int(d) for d in kernel.shape[-2:]) if kernel.ndim >= 2 else (0, 0)
+    before = int(kernel.size) + bias_params
+
+    def left_alone(why, r=None, rel_err=None, kept=None):
+        entry = LayerFactorization(
+            path, layer_type, in_dim, out_dim, r, before, before, rel_err, kept, False, why
+        )  # fmt: skip
+        return entry, None
+
+    why = _dense_like_einsum(layer) if layer_type == "EinsumDense" else ""
+    if not why and getattr(layer, "lora_enabled", False):
+        why = "LoRA is enabled on it (merge_lora first)"
+    if not why and layer.quantization_mode is not None:
+        why = f"it is quantized ({layer.quantization_mode})"
+    if why:
+        return left_alone(why)
+    if rank is not None and rank > min(in_dim, out_dim):
+        return left_alone(
+            f"{_RANK_SKIP}{rank} is above min(in, out) = {min(in_dim, out_dim)} of its "
+            f"{in_dim}x{out_dim} kernel"
+        )
+    u, s, vt = np.linalg.svd(kernel.astype("float64"), full_matrices=False)
+    r = _rank_for(s, rank, energy)
+    total = float((s**2).sum())
+    kept = float((s[:r] ** 2).sum() / total) if total else 1.0
+    rel_err = float(np.sqrt(max(total - (s[:r] ** 2).sum(), 0.0) / total)) if total else 0.0
+    after = r * (in_dim + out_dim) + bias_params
+    if after >= before:
+        return left_alone(
+            f"{_RANK_SKIP}{r} saves nothing: {r}*({in_dim}+{out_dim}) >= {in_dim}*{out_dim}",
+            r,
+            rel_err,
+            kept,
+        )
+    root = np.sqrt(s[:r])
+    entry = LayerFactorization(
+        path, layer_type, in_dim, out_dim, r, before, after, rel_err, kept, True
+    )  # fmt: skip
+    return entry, (u[:, :r] * root, root[:, None] * vt[:r], r)
+
+
+# The reasons that start with this are about the rank (the others about the layer itself).
+_RANK_SKIP = "rank "
+
+
+def _largest_saving_rank(entry: LayerFactorization) -> int:
+    """The largest rank r with r * (in + out) < in * out, 0 when there is none."""
+    in_dim, out_dim = entry.input_dim, entry.units
+    if in_dim + out_dim == 0:
+        return 0
+    return max(0, min(min(in_dim, out_dim), (in_dim * out_dim - 1) // (in_dim + out_dim)))
+
+
+def _raise_rank_fits_nothing(rank: int, report: FactorizationReport) -> None:
+    sized = [e for e in report.layers if e.reason.startswith(_RANK_SKIP)]
+    if not sized:
+        return  # every candidate was left alone for another reason (LoRA, quantized...)
+    best = max(_largest_saving_rank(e) for e in sized)
+    shapes = ", ".join(f"{e.path} {e.input_dim}x{e.units}" for e in sized[:8])
+    hint = (
+        f"the largest rank that saves parameters on some layer is {best}"
+        if best
+        else "no layer is wide enough for any rank to save parameters"
+    )
+    raise ValueError(
+        f"`rank` fits no layer: at rank {rank} factoring saves parameters on none of the "
+        f"candidate layers ({shapes}); {hint}. Pass a smaller `rank`, or `energy` instead. "
+        f"Received: rank={rank}"
+    )
 
 
 def _is_plain_functional(model: keras.Model) -> bool:
-    from keras.src.models.functional import Functional
-
     # keras.Model(inputs, outputs) builds a `Functional`; subclasses (keras-hub models) rebuild
     # themselves from their own config and cannot have their layers swapped by clone_model.
-    return type(model) is Functional
+    return type(model) is internals.functional_class()
 
 
 def _transfer(model: keras.Model, new: keras.Model, plans: dict) -> None:
-    """Copies weights layer by layer (same path); factorized layers receive their SVD factors."""
-    targets = {layer_path(lyr): lyr for lyr in iter_layers(new) if own_variables(lyr)}
-    for layer in iter_layers(model):
+    """Copies weights layer by layer (`paired_layers`); factorized layers get their SVD factors."""
+    for _, layer, target in paired_layers(model, new):
         if not own_variables(layer):
             continue
-        target = targets[layer_path(layer)]
         if id(layer) in plans:
             u, v, _ = plans[id(layer)]
             target.u.assign(u.astype(target.u.dtype))
             target.v.assign(v.astype(target.v.dtype))
             if target.bias is not None:
-                target.bias.assign(layer.bias)
+                target.bias.assign(ops.convert_to_numpy(layer.bias))
             continue
-        store: dict = {}
-        layer.save_own_variables(store)
-        target.load_own_variables(store)
+        target.load_own_variables(_backend.saved_state(layer))
 
 
 __all__: Sequence[str] = ("LowRankDense", "LayerFactorization", "FactorizationReport", "factorize")

@@ -4,8 +4,9 @@
 submodule is not re-exported here, so `keras_lean.pipeline.sweep` stays the module).
 
 Each step is a public function over one run folder (`savedmodels/<run-name>/` by default); the
-`keras-lean` CLI is a thin shell over them. Importing this package imports neither TensorFlow
-nor Keras; the steps do when they run.
+`keras-lean` CLI is a thin shell over them. The names below are resolved on first use, so
+importing this package (or one of its light modules, such as `strategy` or `models`) imports
+neither TensorFlow nor Keras; the steps do when they run.
 
 Example:
     >>> from keras_lean.pipeline import train_baseline, configure, finetune, validate, deploy
@@ -19,69 +20,62 @@ Example:
 
 from __future__ import annotations
 
-from keras_lean.pipeline.data import check_data_against_model, load_data
-from keras_lean.pipeline.models import ARCHITECTURES, build_model, load_model
-from keras_lean.pipeline.recipe import (
-    RECIPE_VERSION,
-    SECTIONS,
-    EarlyStoppingOptions,
-    ExportOptions,
-    FinetuneOptions,
-    GuardOptions,
-    Recipe,
-    load_recipe,
-    recipe_to_yaml,
-)
-from keras_lean.pipeline.rundir import MissingStepError, RunDir
-from keras_lean.pipeline.steps import (
-    JitDecision,
-    RunReport,
-    RunResult,
-    StageResult,
-    ValidationResult,
-    configure,
-    decide_jit_compile,
-    deploy,
-    finetune,
-    report,
-    run,
-    run_dir_for,
-    train_baseline,
-    validate,
-)
-from keras_lean.pipeline.strategy import STRATEGIES, get_strategy
+import importlib
 
-__all__ = [
-    "ARCHITECTURES",
-    "RECIPE_VERSION",
-    "SECTIONS",
-    "STRATEGIES",
-    "EarlyStoppingOptions",
-    "ExportOptions",
-    "FinetuneOptions",
-    "GuardOptions",
-    "JitDecision",
-    "MissingStepError",
-    "Recipe",
-    "RunDir",
-    "RunReport",
-    "RunResult",
-    "StageResult",
-    "ValidationResult",
-    "build_model",
-    "check_data_against_model",
-    "configure",
-    "decide_jit_compile",
-    "deploy",
-    "finetune",
-    "get_strategy",
-    "load_data",
-    "load_model",
-    "load_recipe",
-    "recipe_to_yaml",
-    "report",
-    "run",
-    "run_dir_for",
-    "train_baseline",
-    "validate",
-]
+# Public name -> module that defines it.
+_EXPORTS = {
+    "check_data_against_model": "keras_lean.pipeline.data",
+    "load_data": "keras_lean.pipeline.data",
+    "ARCHITECTURES": "keras_lean.pipeline.models",
+    "build_model": "keras_lean.pipeline.models",
+    "load_model": "keras_lean.pipeline.models",
+    "RECIPE_VERSION": "keras_lean.pipeline.recipe",
+    "SECTIONS": "keras_lean.pipeline.recipe",
+    "EarlyStoppingOptions": "keras_lean.pipeline.recipe",
+    "ExportOptions": "keras_lean.pipeline.recipe",
+    "FinetuneOptions": "keras_lean.pipeline.recipe",
+    "GuardOptions": "keras_lean.pipeline.recipe",
+    "Recipe": "keras_lean.pipeline.recipe",
+    "load_recipe": "keras_lean.pipeline.recipe",
+    "recipe_to_yaml": "keras_lean.pipeline.recipe",
+    "RecipeOverrides": "keras_lean.pipeline.overrides",
+    "MissingStepError": "keras_lean.pipeline.rundir",
+    "RunDir": "keras_lean.pipeline.rundir",
+    "STRATEGIES": "keras_lean.pipeline.strategy",
+    "get_strategy": "keras_lean.pipeline.strategy",
+    **{
+        name: "keras_lean.pipeline.steps"
+        for name in (
+            "JitDecision",
+            "RunReport",
+            "RunResult",
+            "StageEntry",
+            "StageResult",
+            "ValidationResult",
+            "configure",
+            "decide_jit_compile",
+            "deploy",
+            "finetune",
+            "report",
+            "run",
+            "run_dir_for",
+            "train_baseline",
+            "validate",
+        )
+    },
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module 'keras_lean.pipeline' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

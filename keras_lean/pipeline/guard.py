@@ -1,12 +1,13 @@
 """Accuracy-guarded gradual pruning: prune in stages, keep the last stage within the budget.
 
-`recipe.guard.stages` (e.g. `[0.3, 0.5, 0.6, 0.7, 0.8]`) turns one `magnitude` or `movement`
-fine-tune into a series: stage k starts from stage k-1's pruned weights (zeros in place), wraps
-them again with the stage's target sparsity (the schedule rising from the previous stage's
-sparsity), fine-tunes `epochs_per_stage` epochs and is validated against the baseline's
-accuracy. The first stage whose drop exceeds the recipe's `max_accuracy_drop` stops the run, and
-the model rolls back to the previous stage. If even the first stage breaks the budget, the run
-rolls back to the baseline weights: nothing is pruned, and the report says so.
+`recipe.guard.stages` (e.g. `[0.3, 0.5, 0.6, 0.7, 0.8]`) turns the fine-tune of one method whose
+class says `guard_stageable` (magnitude, movement) into a series: stage k starts from stage k-1's
+pruned weights (zeros in place), prepares them again with the stage's target (`Method.stage`:
+for magnitude, the schedule rising from the previous stage's sparsity), fine-tunes
+`epochs_per_stage` epochs and is validated against the baseline's accuracy. The first stage
+whose drop exceeds the recipe's `max_accuracy_drop` stops the run, and the model rolls back to
+the previous stage. If even the first stage breaks the budget, the run rolls back to the
+baseline weights: nothing is pruned, and the report says so.
 
 `steps.finetune` calls `run_stages`; this module knows nothing of files or the CLI.
 """
@@ -70,12 +71,12 @@ class GuardOutcome:
 
 
 def stage_method(method: Method, target: float, previous: float) -> Method:
-    """A copy of the pruning `method` that prunes from `previous` to `target` sparsity."""
-    o = method.options
-    schedule = dataclasses.replace(
-        o.schedule, initial_sparsity=min(max(previous, o.schedule.initial_sparsity), target)
-    )
-    return type(method)(dataclasses.replace(o, target_sparsity=target, schedule=schedule))
+    """A copy of `method` that prunes from `previous` to `target` (its `Method.stage`)."""
+    if not type(method).guard_stageable:
+        raise ValueError(
+            f"recipe.guard cannot stage method {method.name!r}: {type(method).guard_note}."
+        )
+    return method.stage(target, previous)
 
 
 def run_stages(
@@ -98,8 +99,8 @@ def run_stages(
 
     Args:
         model: the dense model to prune (not modified).
-        method: the recipe's `magnitude` or `movement` method; each stage uses a copy whose
-            target is the stage's sparsity.
+        method: the recipe's stageable method (`Method.guard_stageable`); each stage uses a
+            copy whose target is the stage's (`Method.stage`).
         data: train and validation data.
         guard: the stages and epochs per stage.
         steps_per_epoch: optimizer steps per epoch.

@@ -65,11 +65,21 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int) -> ke
     return keras.Model(inputs, outputs, name=f"keras_lean_{arch}")
 
 
+LEGACY_SUFFIXES = (".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model:
-    """Loads a Keras 3 `.keras` model file with clear errors.
+    """Loads a Keras model file with clear errors: Keras 3 `.keras`, or a legacy model.
+
+    Legacy models are read by Keras 3 itself: an HDF5 file (`.h5` / `.hdf5`, from
+    `model.save("model.h5")` in tf_keras / Keras 2 or Keras 3) and a `.keras` archive saved by
+    tf_keras. The caller adopts the returned model as any other (the pipeline saves it as
+    `baseline.keras`). A legacy file Keras 3 cannot rebuild is refused with one line saying how
+    to convert it.
 
     Args:
-        path: the `.keras` file.
+        path: the `.keras`, `.h5` or `.hdf5` file.
         compile: restore the training configuration too (optimizer state for resuming).
 
     Returns:
@@ -77,7 +87,8 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a `.keras` archive, or it is corrupt or not loadable.
+        ValueError: the file is not a model file, is corrupt, holds only weights, or cannot be
+            rebuilt by Keras 3 (the message says how to convert it).
     """
     import keras
 
@@ -86,27 +97,100 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
         raise FileNotFoundError(f"Model file not found: {path}")
     if path.is_dir():
         raise ValueError(
-            f"{path} is a folder; expected a Keras 3 '.keras' file (a SavedModel folder cannot "
-            f"be fine-tuned: save the model with model.save('model.keras'))."
+            f"{path} is a folder; expected a '.keras' file (or a legacy '.h5'). A SavedModel "
+            "folder cannot be fine-tuned in Keras 3: if tf_keras saved it, convert it with "
+            f"python -c \"import tf_keras; tf_keras.models.load_model('{path}')"
+            f".save('{path.name}.h5')\" and pass the .h5 file."
         )
-    if path.suffix != ".keras":
+    suffix = path.suffix.lower()
+    if suffix in LEGACY_SUFFIXES:
+        _check_legacy_h5(path)
+    elif suffix != ".keras":
         raise ValueError(
-            f"{path} is not a Keras model file: expected a '.keras' file "
-            f"(save with model.save('model.keras')). Received suffix {path.suffix!r}."
+            f"{path} is not a Keras model file: expected a '.keras' file, or a legacy '.h5' / "
+            f"'.hdf5' (model.save('model.h5') in tf_keras). Received suffix {path.suffix!r}."
         )
-    if not zipfile.is_zipfile(path):
+    elif not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a valid .keras file (not a zip archive; corrupt?).")
     # Importing the technique packages registers their layers (pruning wrappers, channel masks,
     # low-rank layers) with Keras' serialization, so a mid-fine-tuning model loads by name.
     import keras_lean.lowrank  # noqa: F401
     import keras_lean.sparsity  # noqa: F401
     import keras_lean.structured  # noqa: F401
+    from keras_lean.pipeline.text import import_hub_if_needed
 
+    import_hub_if_needed(path)  # a text model (keras-hub backbone) needs keras_hub registered
     try:
         model = keras.models.load_model(path, compile=compile)
     except Exception as e:  # Keras raises many types for a broken archive; report them as one
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} could not be loaded as a Keras model: {first}") from e
+        raise ValueError(_load_error(path, e)) from e
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a Keras model.")
     return model
+
+
+def _check_legacy_h5(path: Path) -> None:
+    """Refuses an HDF5 file that is corrupt or holds only weights, before Keras reads it."""
+    with open(path, "rb") as f:
+        signature = f.read(len(_HDF5_SIGNATURE))
+    if signature != _HDF5_SIGNATURE:
+        raise ValueError(
+            f"{path} is not a Keras model file: not a valid HDF5 file (no HDF5 signature; "
+            "truncated or corrupt?)."
+        )
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            has_config = "model_config" in h5.attrs
+    except OSError as e:
+        raise ValueError(
+            f"{path} is not a Keras model file: not a valid HDF5 file (truncated or corrupt?): {e}"
+        ) from e
+    if not has_config:
+        raise ValueError(
+            f"{path} holds only weights (saved with save_weights, no model config). Convert "
+            f"it: build the same architecture with Keras 3 layers, call model.load_weights("
+            f"'{path}'), then model.save('{path.stem}.keras') and pass that file."
+        )
+
+
+def _saved_by(path: Path) -> str | None:
+    """The Keras version that wrote a `.keras` or HDF5 file, when it says."""
+    try:
+        if path.suffix.lower() in LEGACY_SUFFIXES:
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                version = h5.attrs.get("keras_version")
+            return version.decode() if isinstance(version, bytes) else version
+        import json
+
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("metadata.json")).get("keras_version")
+    except Exception:  # an unreadable version is only a missing detail in the message
+        return None
+
+
+def _load_error(path: Path, error: Exception) -> str:
+    """The one line that says why Keras 3 could not load `path` and how to convert it."""
+    text = str(error).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    version = _saved_by(path)
+    legacy = path.suffix.lower() in LEGACY_SUFFIXES
+    if not legacy and not (version or "").startswith(("1.", "2.")):
+        return f"{path} could not be loaded as a Keras model: {first}"
+    writer = f"Keras {version}" if version else "an older Keras"
+    if legacy:
+        how = (
+            f"build the same architecture with Keras 3 layers, call model.load_weights('{path}') "
+            f"(Keras 3 reads legacy HDF5 weights), then model.save('{path.stem}.keras') and pass "
+            "that file"
+        )
+    else:
+        how = (
+            f"with tf_keras run tf_keras.models.load_model('{path}').save('{path.stem}.h5') and "
+            f"pass {path.stem}.h5 (Keras 3 reads legacy HDF5 models)"
+        )
+    kind = "legacy HDF5 model" if legacy else "model saved by tf_keras"
+    return f"{path} is a {kind} ({writer}) that Keras 3 cannot rebuild: {first}. Convert it: {how}."

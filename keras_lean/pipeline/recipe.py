@@ -1,8 +1,8 @@
 """The recipe: what `finetune`, `validate` and `deploy` do, as a versioned YAML file.
 
-A recipe names the methods to apply and has one section per method (parsed by that method's
-`options_class.from_dict`), plus the pipeline's own sections (`finetune`, `export`, `guard`) and
-the validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.md`. Example::
+A recipe names the methods to apply and has one section per method (that method's
+`options_class`), plus the pipeline's own sections (`finetune`, `export`, `guard`) and the
+validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.md`. Example::
 
     version: 1
     methods: [magnitude]
@@ -12,8 +12,10 @@ the validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.m
       epochs: 4
     max_accuracy_drop: 0.01
 
-Unknown keys and bad values raise `ValueError` naming the key path (`recipe.finetune.epohcs`),
-the value received and what is allowed.
+Every section is parsed by the one metadata-driven parser of `keras_lean.pipeline.options`.
+Unknown keys and bad values raise `RecipeError(path, message)` (a `ValueError`) naming the key
+path as the recipe writes it (`finetune.epohcs`, `structured.ratio`, `guard.stages[2]`), the value
+received and what is allowed. This module knows the methods only through their registry.
 """
 
 from __future__ import annotations
@@ -23,111 +25,63 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
+
+from keras_lean.pipeline.methods import get_method_class, method_classes, method_names
+from keras_lean.pipeline.options import (
+    Bool,
+    Choice,
+    Float,
+    Int,
+    List,
+    Nested,
+    OneOf,
+    RecipeError,
+    Section,
+    Str,
+    field_comments,
+    option,
+    parse_section,
+    unknown_key,
+)
 
 RECIPE_VERSION = 1
 
-_JIT_CHOICES = ("on", "off", "auto")
-_QUANTIZATION_CHOICES = ("none", "dynamic", "float16", "int8")
-_FORMAT_CHOICES = ("saved_model", "tflite")
-
-
-def check_keys(d: Any, allowed: set[str] | frozenset[str], path: str) -> None:
-    """Raises ValueError if `d` is not a mapping or has a key outside `allowed`.
-
-    Args:
-        d: the parsed YAML mapping.
-        allowed: the keys allowed at this level.
-        path: the key path of `d` for the message, e.g. `"recipe.finetune"`.
-    """
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{path} must be a mapping. Received: {d!r}")
-    unknown = sorted(set(map(str, d)) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"Unknown key {path}.{unknown[0]}. "
-            f"Allowed keys in {path}: {', '.join(sorted(allowed))}."
-        )
-
-
-def _on_off(value: Any, path: str, *, extra: tuple[str, ...] = ()) -> bool | str:
-    # YAML 1.1 (PyYAML) reads on/off/yes/no as booleans; accept both spellings.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("on", "true", "yes"):
-            return True
-        if v in ("off", "false", "no"):
-            return False
-        if v in extra:
-            return v
-    allowed = ", ".join(("on", "off", *extra))
-    raise ValueError(f"{path} must be one of {allowed}. Received: {path.split('.')[-1]}={value!r}")
-
-
-def _number(value: Any, path: str, *, kind: type = float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"{path} must be a {kind.__name__}. Received: {path.split('.')[-1]}={value!r}"
-        )
-    if kind is int and not float(value).is_integer():
-        raise ValueError(f"{path} must be an int. Received: {path.split('.')[-1]}={value!r}")
-    return kind(value)
+JIT_CHOICES = ("on", "off", "auto")
+QUANTIZATION_CHOICES = ("none", "dynamic", "float16", "int8")
+# Keras' own Model.quantize modes for the .keras artifact (keras_lean.export.KERAS_QUANTIZATIONS).
+KERAS_QUANTIZATION_CHOICES = ("none", "int8", "int4", "float8")
+SPARSE_TFLITE_CHOICES = ("auto", "on", "off")
+FORMAT_CHOICES = ("saved_model", "tflite")
+_MAX_DROP = Float(min=0, max=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class EarlyStoppingOptions:
-    """Early stopping on validation accuracy.
+class EarlyStoppingOptions(Section):
+    """Early stopping on validation accuracy (`finetune.early_stopping`).
 
     Attributes:
         enabled: stop when validation accuracy has not improved for `patience` epochs.
         patience: epochs without improvement before stopping (>= 0).
         min_delta: the smallest change counted as an improvement (>= 0).
-        after_pruning: only start watching once the sparsity schedule has ended (so stopping can
-            never leave the model short of its target sparsity).
+        after_pruning: only start watching once every method's gradual pruning has reached its
+            target (`Method.pruning_end_step`), so stopping can never leave the model short of
+            its target sparsity or channel ratio.
     """
 
-    enabled: bool = False
-    patience: int = 2
-    min_delta: float = 0.0
-    after_pruning: bool = True
+    root: ClassVar[str | None] = "finetune.early_stopping"
 
-    def __post_init__(self):
-        if self.patience < 0:
-            raise ValueError(
-                f"recipe.finetune.early_stopping.patience must be >= 0. "
-                f"Received: patience={self.patience}"
-            )
-        if self.min_delta < 0:
-            raise ValueError(
-                f"recipe.finetune.early_stopping.min_delta must be >= 0. "
-                f"Received: min_delta={self.min_delta}"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(
-        cls, d: Any, path: str = "recipe.finetune.early_stopping"
-    ) -> EarlyStoppingOptions:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        if "enabled" in d:
-            kw["enabled"] = _on_off(d["enabled"], f"{path}.enabled")
-        if "patience" in d:
-            kw["patience"] = _number(d["patience"], f"{path}.patience", kind=int)
-        if "min_delta" in d:
-            kw["min_delta"] = _number(d["min_delta"], f"{path}.min_delta")
-        if "after_pruning" in d:
-            kw["after_pruning"] = _on_off(d["after_pruning"], f"{path}.after_pruning")
-        return cls(**kw)
+    enabled: bool = option(False, Bool(), "on | off")
+    patience: int = option(2, Int(min=0), "epochs without improvement of val accuracy")
+    min_delta: float = option(0.0, Float(min=0), "smallest change counted as an improvement")
+    after_pruning: bool = option(
+        True, Bool(), "only watch once gradual pruning has reached its target"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneOptions:
-    """Fine-tuning settings (`recipe.finetune`).
+class FinetuneOptions(Section):
+    """Fine-tuning settings (`finetune`).
 
     Attributes:
         epochs: fine-tune epochs (>= 1).
@@ -141,65 +95,32 @@ class FinetuneOptions:
         seed: random seed for shuffling and initialization.
     """
 
-    epochs: int = 4
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    jit_compile: str = "auto"
-    mixed_precision: bool = False
-    early_stopping: EarlyStoppingOptions = dataclasses.field(default_factory=EarlyStoppingOptions)
-    seed: int = 0
+    root: ClassVar[str | None] = "finetune"
 
-    def __post_init__(self):
-        p = "recipe.finetune"
-        if self.epochs < 1:
-            raise ValueError(f"{p}.epochs must be >= 1. Received: epochs={self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"{p}.batch_size must be >= 1. Received: batch_size={self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(
-                f"{p}.learning_rate must be > 0. Received: learning_rate={self.learning_rate}"
-            )
-        if self.jit_compile not in _JIT_CHOICES:
-            raise ValueError(
-                f"{p}.jit_compile must be one of {', '.join(_JIT_CHOICES)}. "
-                f"Received: jit_compile={self.jit_compile!r}"
-            )
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["early_stopping"] = self.early_stopping.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "recipe.finetune") -> FinetuneOptions:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        for name in ("epochs", "batch_size", "seed"):
-            if name in d:
-                kw[name] = _number(d[name], f"{path}.{name}", kind=int)
-        if "learning_rate" in d:
-            lr = d["learning_rate"]
-            if isinstance(lr, str):  # PyYAML reads `1e-3` (no dot) as a string
-                try:
-                    lr = float(lr)
-                except ValueError:
-                    pass
-            kw["learning_rate"] = _number(lr, f"{path}.learning_rate")
-        if "jit_compile" in d:
-            v = _on_off(d["jit_compile"], f"{path}.jit_compile", extra=("auto",))
-            kw["jit_compile"] = v if isinstance(v, str) else ("on" if v else "off")
-        if "mixed_precision" in d:
-            kw["mixed_precision"] = _on_off(d["mixed_precision"], f"{path}.mixed_precision")
-        if "early_stopping" in d:
-            kw["early_stopping"] = EarlyStoppingOptions.from_dict(
-                d["early_stopping"], f"{path}.early_stopping"
-            )
-        return cls(**kw)
+    epochs: int = option(4, Int(min=1), "fine-tune epochs; the sparsity schedule spans them")
+    batch_size: int = option(
+        32, Int(min=1), "global batch size (split across replicas under a strategy)"
+    )
+    learning_rate: float = option(1e-3, Float(gt=0), "Adam learning rate")
+    jit_compile: str = option(
+        "auto",
+        Choice(*JIT_CHOICES, aliases={True: "on", False: "off"}, normalize=str.lower),
+        "on | off | auto (auto times both on this machine, keeps the faster)",
+    )
+    mixed_precision: bool = option(
+        False, Bool(), "on | off (mixed_float16; output layer stays float32)"
+    )
+    early_stopping: EarlyStoppingOptions = option(
+        kind=Nested(EarlyStoppingOptions),
+        comment="stop on validation accuracy",
+        default_factory=EarlyStoppingOptions,
+    )
+    seed: int = option(0, Int(), "random seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    """Deployment settings (`recipe.export`).
+class ExportOptions(Section):
+    """Deployment settings (`export`).
 
     Attributes:
         formats: any of `saved_model`, `tflite`.
@@ -214,222 +135,210 @@ class ExportOptions:
         fold_batchnorm: fold inference-mode BatchNormalization into the Conv/Dense before it
             (`keras_lean.export.fold_batchnorm`) before exporting: the same function with fewer
             layers, faster in Keras and SavedModel (TFLite folds by itself).
+        keras_quantization: also save `model_<mode>.keras`, quantized by Keras' own
+            `Model.quantize`: `none`, `int8`, `int4` (Dense / EinsumDense / Embedding layers;
+            convolutions stay float) or `float8` (FP8 matmul state; the file does not shrink).
+            Its size and accuracy go to `deploy.json`.
+        sparse_tflite: store mostly-zero weight tensors in TFLite's sparse format
+            (`EXPERIMENTAL_SPARSITY`; with `int8`, sparsity-preserving quantization), checked
+            against a dense-format export of the same model: `auto` does it when at least
+            `SPARSE_TFLITE_AUTO` of the deployable model's weights are zero (unstructured and
+            N:M pruning) and `quantization` is not `dynamic` (the TFLite runtime cannot run
+            sparse hybrid weights), `on` always, `off` never.
     """
 
-    formats: tuple[str, ...] = ("saved_model", "tflite")
-    quantization: str = "none"
-    calibration_samples: int = 100
-    latency_batch_size: int = 32
-    latency_runs: int = 20
-    compare_baseline: bool = True
-    fold_batchnorm: bool = True
+    root: ClassVar[str | None] = "export"
 
-    def __post_init__(self):
-        p = "recipe.export"
-        object.__setattr__(self, "formats", tuple(self.formats))
-        for f in self.formats:
-            if f not in _FORMAT_CHOICES:
-                raise ValueError(
-                    f"{p}.formats entries must be one of {', '.join(_FORMAT_CHOICES)}. "
-                    f"Received: {f!r}"
-                )
-        if self.quantization not in _QUANTIZATION_CHOICES:
-            raise ValueError(
-                f"{p}.quantization must be one of {', '.join(_QUANTIZATION_CHOICES)}. "
-                f"Received: quantization={self.quantization!r}"
-            )
-        for name in ("calibration_samples", "latency_batch_size", "latency_runs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{p}.{name} must be >= 1. Received: {name}={getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["formats"] = list(self.formats)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "recipe.export") -> ExportOptions:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        if "formats" in d:
-            formats = d["formats"]
-            if isinstance(formats, str):
-                formats = [formats]
-            if not isinstance(formats, (list, tuple)):
-                raise ValueError(f"{path}.formats must be a list. Received: formats={formats!r}")
-            kw["formats"] = tuple(formats)
-        if "quantization" in d:
-            q = d["quantization"]
-            kw["quantization"] = "none" if q is None or q is False else str(q)
-        for name in ("calibration_samples", "latency_batch_size", "latency_runs"):
-            if name in d:
-                kw[name] = _number(d[name], f"{path}.{name}", kind=int)
-        for name in ("compare_baseline", "fold_batchnorm"):
-            if name in d:
-                kw[name] = _on_off(d[name], f"{path}.{name}")
-        return cls(**kw)
+    formats: tuple[str, ...] = option(
+        ("saved_model", "tflite"),
+        List(Choice(*FORMAT_CHOICES), scalar=str),
+        "saved_model and/or tflite",
+    )
+    quantization: str = option(
+        "none",
+        Choice(*QUANTIZATION_CHOICES, aliases={None: "none", False: "none"}),
+        "TFLite: none | dynamic | float16 | int8 (int8 calibrated on train data)",
+    )
+    calibration_samples: int = option(100, Int(min=1), "training samples for int8 calibration")
+    latency_batch_size: int = option(
+        32, Int(min=1), "batch size of the Keras vs TFLite latency measurement"
+    )
+    latency_runs: int = option(20, Int(min=1), "timed batches per runtime (median reported)")
+    compare_baseline: bool = option(
+        True, Bool(), "also export the baseline to TFLite for the size ratio"
+    )
+    fold_batchnorm: bool = option(
+        True, Bool(), "fold BatchNormalization into the Conv/Dense before it (inference)"
+    )
+    keras_quantization: str = option(
+        "none",
+        Choice(*KERAS_QUANTIZATION_CHOICES, aliases={None: "none", False: "none"}),
+        "Keras Model.quantize of the .keras artifact: none | int8 | int4 | float8",
+    )
+    sparse_tflite: str = option(
+        "auto",
+        Choice(*SPARSE_TFLITE_CHOICES, aliases={True: "on", False: "off"}, normalize=str.lower),
+        "TFLite sparse storage: auto (when >= 30 % of the weights are zero) | on | off",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
-class GuardOptions:
-    """Accuracy-guarded gradual pruning (`recipe.guard`).
+class GuardOptions(Section):
+    """Accuracy-guarded gradual pruning (`guard`).
 
-    With `stages`, fine-tuning prunes in steps: it fine-tunes to each stage's sparsity in turn,
+    With `stages`, fine-tuning prunes in steps: it fine-tunes to each stage's target in turn,
     validates after each against the baseline's accuracy, and keeps the last stage whose drop is
     within the recipe's `max_accuracy_drop`; a stage that breaks the budget stops the run and
-    the model rolls back to the kept stage (to the baseline if no stage is within budget).
+    the model rolls back to the kept stage (to the baseline if no stage is within budget). Only
+    methods with `Method.guard_stageable` can be staged.
 
     Attributes:
-        stages: target sparsities of the stages, strictly increasing, each in (0, 1). They
-            replace the pruning method's `target_sparsity`. Empty (the default) turns the
+        stages: targets of the stages (the method's target option), strictly increasing, each
+            in (0, 1). They replace the method's own target. Empty (the default) turns the
             guard off.
         epochs_per_stage: fine-tune epochs of each stage (>= 1); the sparsity schedule spans
             each stage from the previous stage's sparsity to this one's. `finetune.epochs` is
             not used when the guard is on.
     """
 
-    stages: tuple[float, ...] = ()
-    epochs_per_stage: int = 1
+    root: ClassVar[str | None] = "guard"
 
-    def __post_init__(self):
-        p = "recipe.guard"
-        stages = self.stages
-        if not isinstance(stages, (list, tuple)) or any(
-            isinstance(s, bool) or not isinstance(s, (int, float)) for s in stages
-        ):
-            raise ValueError(
-                f"{p}.stages must be a list of sparsities in (0, 1). Received: stages={stages!r}"
-            )
-        stages = tuple(float(s) for s in stages)
-        for s in stages:
-            if not 0 < s < 1:
-                raise ValueError(
-                    f"{p}.stages entries must be in (0, 1). Received: stages={list(stages)}"
-                )
-        for a, b in zip(stages, stages[1:], strict=False):
-            if not b > a:
-                raise ValueError(
-                    f"{p}.stages must be strictly increasing. Received: stages={list(stages)}"
-                )
-        if (
-            isinstance(self.epochs_per_stage, bool)
-            or not isinstance(self.epochs_per_stage, int)
-            or self.epochs_per_stage < 1
-        ):
-            raise ValueError(
-                f"{p}.epochs_per_stage must be an int >= 1. "
-                f"Received: epochs_per_stage={self.epochs_per_stage!r}"
-            )
-        object.__setattr__(self, "stages", stages)
+    stages: tuple[float, ...] = option(
+        (),
+        List(
+            Float(gt=0, lt=1),
+            increasing=True,
+            what="a list of sparsities in (0, 1), e.g. [0.3, 0.5, 0.7]",
+        ),
+        "[] = off; e.g. [0.3, 0.5, 0.7]: prune in stages, keep the last within max_accuracy_drop",
+    )
+    epochs_per_stage: int = option(
+        1, Int(min=1), "fine-tune epochs per stage (replaces finetune.epochs)"
+    )
 
     @property
     def enabled(self) -> bool:
         return bool(self.stages)
 
-    def to_dict(self) -> dict:
-        return {"stages": list(self.stages), "epochs_per_stage": self.epochs_per_stage}
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "recipe.guard") -> GuardOptions:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        if "stages" in d:
-            stages = d["stages"] if d["stages"] is not None else []
-            if not isinstance(stages, (list, tuple)):
-                raise ValueError(
-                    f"{path}.stages must be a list of sparsities in (0, 1). "
-                    f"Received: stages={stages!r}"
-                )
-            kw["stages"] = tuple(_number(s, f"{path}.stages") for s in stages)
-        if "epochs_per_stage" in d:
-            kw["epochs_per_stage"] = _number(
-                d["epochs_per_stage"], f"{path}.epochs_per_stage", kind=int
-            )
-        return cls(**kw)
+#: `export.sparse_tflite: auto` stores sparse when at least this share of the weights is zero.
+SPARSE_TFLITE_AUTO = 0.3
 
 
-#: Methods whose pruning `recipe.guard` can run in stages, and those it cannot.
-GUARDED_METHODS = ("magnitude", "movement")
-_UNGUARDABLE = {
-    "structured": "it removes channels by rebuilding the model, so stage ratios would compound "
-    "on an already smaller model",
-    "lottery": "lottery runs its own pruning rounds (see recipe.lottery.rounds)",
-}
-_UNGUARDABLE_DEFAULT = (
-    "a guarded run may roll back to the baseline weights, which this method's deploy step "
-    "does not expect"
-)
+def _check_teacher(value: str) -> str | None:
+    if value in ("none", "baseline") or value.endswith(".keras"):
+        return None
+    return f"must be none, baseline or the path of a .keras teacher model. Received: {value!r}"
 
 
-#: The pipeline's own recipe sections: key -> options class (with `from_dict(d, path)`,
-#: `to_dict()` and defaults for every field). Adding a section (e.g. `guard`) is one entry here.
+@dataclasses.dataclass(frozen=True)
+class DistillOptions(Section):
+    """Knowledge distillation during fine-tuning (`distill`).
+
+    With a teacher, every fine-tune fit (each guard stage and progressive segment too) trains
+    the model on `(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher || student at T)` through
+    Keras' `keras.distillation.Distiller` (`keras_lean.distill`); the teacher's forward passes
+    run inside the fit, so the stage's energy counts them, and its FLOPs are added to the
+    stage's. A method that runs its own training loop (lottery) is not distilled.
+
+    Attributes:
+        teacher: `none` (off), `baseline` (the run's `baseline.keras`) or the path of a
+            `.keras` model with the same inputs and outputs.
+        alpha: weight of the distillation term, in [0, 1].
+        temperature: softmax temperature (> 0).
+    """
+
+    root: ClassVar[str | None] = "distill"
+
+    teacher: str = option(
+        "none",
+        OneOf(Choice("none", "baseline", aliases={None: "none", False: "none"}), Str()),
+        "none | baseline | path of a .keras teacher",
+        check=_check_teacher,
+    )
+    alpha: float = option(0.5, Float(min=0, max=1), "weight of the teacher's soft targets")
+    temperature: float = option(2.0, Float(gt=0), "softmax temperature of both models")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher != "none"
+
+
+#: The pipeline's own recipe sections: key -> `Section` class (defaults for every field).
+#: Adding a section is one entry here.
 SECTIONS: dict[str, type] = {
     "finetune": FinetuneOptions,
     "export": ExportOptions,
     "guard": GuardOptions,
+    "distill": DistillOptions,
 }
+
+
+def method_class(name: Any, *, path: str = "methods") -> type:
+    """Returns the registered `Method` class for `name`.
+
+    Raises:
+        RecipeError: (at `path`) `name` is not a registered method, or its module is not in
+            this install.
+    """
+    if not isinstance(name, str) or name not in method_names():
+        raise RecipeError(
+            path, f"unknown method {name!r}. Allowed: {', '.join(sorted(method_names()))}."
+        )
+    try:
+        return get_method_class(name)
+    except ValueError as e:
+        raise RecipeError(path, str(e)) from e
+
+
+def _check_distill(methods: tuple[str, ...], options: Mapping[str, Any], sections: Mapping) -> None:
+    """Refuses `distill` with a method whose own training loop it cannot reach."""
+    if not getattr(sections.get("distill"), "enabled", False):
+        return
+    for name in methods:
+        own = getattr(method_class(name), "own_training_loop", None)
+        why = own(options[name]) if own is not None else None
+        if why:
+            raise RecipeError(
+                "distill.teacher",
+                f"cannot be combined with method {name!r}: {why}, which the distillation "
+                "does not reach. Set distill.teacher: none or use another method.",
+            )
 
 
 def _check_guard(methods: tuple[str, ...], options: Mapping[str, Any], sections: Mapping) -> None:
     """Refuses a `guard` the methods cannot run in stages, naming the fields involved."""
-    guard = sections.get("guard")
-    stages = tuple(getattr(guard, "stages", ()) or ())
+    stages = tuple(getattr(sections.get("guard"), "stages", ()) or ())
     if not stages:
         return
+    stageable = [c.name for c in method_classes() if c.guard_stageable]
     for name in methods:
-        if name not in GUARDED_METHODS:
-            why = _UNGUARDABLE.get(name, _UNGUARDABLE_DEFAULT)
-            raise ValueError(
-                f"recipe.guard cannot be combined with method {name!r}: {why}. The guard runs "
-                f"{' or '.join(GUARDED_METHODS)} alone; remove recipe.guard.stages or {name!r}."
+        cls = method_class(name)
+        if not cls.guard_stageable:
+            raise RecipeError(
+                "guard",
+                f"cannot be combined with method {name!r}: {cls.guard_note}. The guard runs "
+                f"{' or '.join(stageable)} alone; remove guard.stages or {name!r}.",
             )
-    pruning = [m for m in methods if m in GUARDED_METHODS]
-    if not pruning:
-        raise ValueError(
-            f"recipe.guard.stages needs a pruning method ({' or '.join(GUARDED_METHODS)}) in "
-            f"recipe.methods. Received: methods={list(methods)}"
-        )
-    opts = options[pruning[0]]
-    if getattr(opts, "m_by_n", None) is not None:
-        raise ValueError(
-            f"recipe.guard.stages cannot be combined with recipe.{pruning[0]}.m_by_n "
-            f"(N:M fixes the sparsity at m/n). Remove one of them."
-        )
-    for pattern, override in (getattr(opts, "overrides", None) or {}).items():
-        if getattr(override, "target_sparsity", None) is not None:
-            raise ValueError(
-                f"recipe.guard.stages replaces target_sparsity, so "
-                f"recipe.{pruning[0]}.overrides.{pattern}.target_sparsity cannot be used with "
-                f"it. Remove one of them."
-            )
-    finetune = sections.get("finetune")
-    es = getattr(finetune, "early_stopping", None)
+        cls.check_guard(options[name])
+    es = getattr(sections.get("finetune"), "early_stopping", None)
     if getattr(es, "enabled", False):
-        raise ValueError(
-            "recipe.guard.stages cannot be combined with recipe.finetune.early_stopping.enabled "
-            "(each stage trains recipe.guard.epochs_per_stage epochs). Turn one of them off."
+        raise RecipeError(
+            "finetune.early_stopping.enabled",
+            "cannot be combined with guard.stages (each stage trains guard.epochs_per_stage "
+            "epochs). Turn one of them off.",
         )
 
 
-def method_class(name: str, *, path: str = "recipe.methods") -> type:
-    """Returns the registered `Method` class for `name`, with a clear error when it is missing.
-
-    Raises:
-        ValueError: `name` is not a registered method, or its module is not in this install.
-    """
-    from keras_lean.pipeline.methods import METHODS, get_method_class
-
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"{path}: unknown method {name!r}. Allowed: {', '.join(sorted(METHODS))}.")
-    try:
-        return get_method_class(name)
-    except ImportError as e:
-        raise ValueError(
-            f"method {name!r} is not available in this install: {e}. "
-            f"Available methods need their module in keras_lean/pipeline/methods/."
-        ) from e
-    except AttributeError as e:
-        raise ValueError(f"method {name!r} is not available in this install: {e}.") from e
+def _methods_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise RecipeError("methods", f"must be a list of method names. Received: {value!r}")
+    for i, m in enumerate(value):
+        if not isinstance(m, str):
+            raise RecipeError(f"methods[{i}]", f"must be a method name. Received: {m!r}")
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,15 +362,13 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
-        if self.version != RECIPE_VERSION:
-            raise ValueError(
-                f"recipe.version must be {RECIPE_VERSION}. Received: version={self.version!r}"
-            )
-        methods = tuple(self.methods)
+        if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
+            raise RecipeError("version", f"must be {RECIPE_VERSION}. Received: {self.version!r}")
+        methods = _methods_list(self.methods)
         if not methods:
-            raise ValueError("recipe.methods must name at least one method. Received: []")
+            raise RecipeError("methods", "must name at least one method. Received: []")
         if len(set(methods)) != len(methods):
-            raise ValueError(f"recipe.methods names a method twice. Received: {list(methods)}")
+            raise RecipeError("methods", f"names a method twice. Received: {list(methods)}")
         classes = {name: method_class(name) for name in methods}
         options = dict(self.method_options)
         for name, cls in classes.items():
@@ -469,38 +376,38 @@ class Recipe:
                 options[name] = cls.options_class()
             elif not isinstance(options[name], cls.options_class):
                 raise TypeError(
-                    f"recipe.{name} must be a {cls.options_class.__name__}. "
+                    f"recipe section {name} must be a {cls.options_class.__name__}. "
                     f"Received: {type(options[name]).__name__}"
                 )
         extra = sorted(set(options) - set(methods))
         if extra:
-            raise ValueError(
-                f"recipe.{extra[0]} is given but {extra[0]!r} is not in recipe.methods "
-                f"({list(methods)}); add it to methods or remove the section."
+            raise RecipeError(
+                extra[0],
+                f"is given but {extra[0]!r} is not in methods ({list(methods)}); add it to "
+                f"methods or remove the section.",
             )
-        for cls in classes.values():
+        for name, cls in classes.items():
             cls.check_combination(list(methods))
-        if not (
-            isinstance(self.max_accuracy_drop, (int, float))
-            and not isinstance(self.max_accuracy_drop, bool)
-            and 0 <= self.max_accuracy_drop <= 1
-        ):
-            raise ValueError(
-                f"recipe.max_accuracy_drop must be in [0, 1]. "
-                f"Received: max_accuracy_drop={self.max_accuracy_drop!r}"
-            )
+            check_recipe = getattr(cls, "check_recipe", None)  # options-dependent refusals
+            if check_recipe is not None:
+                check_recipe(options[name], list(methods))
+        try:
+            max_drop = _MAX_DROP.parse(self.max_accuracy_drop)
+        except RecipeError as e:
+            raise e.under("max_accuracy_drop") from None
         sections = dict(self.sections)
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown:
-            raise ValueError(
-                f"Unknown recipe section {unknown[0]!r}. Allowed: {', '.join(sorted(SECTIONS))}."
+            raise RecipeError(
+                unknown[0], f"unknown recipe section. Allowed: {', '.join(sorted(SECTIONS))}."
             )
         for key, cls in SECTIONS.items():
             sections.setdefault(key, cls())
         _check_guard(methods, options, sections)
+        _check_distill(methods, options, sections)
         object.__setattr__(self, "methods", methods)
         object.__setattr__(self, "method_options", MappingProxyType(options))
-        object.__setattr__(self, "max_accuracy_drop", float(self.max_accuracy_drop))
+        object.__setattr__(self, "max_accuracy_drop", max_drop)
         object.__setattr__(self, "sections", MappingProxyType(sections))
 
     @property
@@ -515,9 +422,9 @@ class Recipe:
     def guard(self) -> GuardOptions:
         return self.sections["guard"]
 
-    def section(self, key: str) -> Any:
-        """Returns the options of pipeline section `key` (see `SECTIONS`)."""
-        return self.sections[key]
+    @property
+    def distill(self) -> DistillOptions:
+        return self.sections["distill"]
 
     def ordered_methods(self) -> list:
         """Returns one `Method` instance per recipe method, in ascending `order`."""
@@ -556,76 +463,59 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, *, source: str = "recipe") -> Recipe:
+    def from_dict(cls, d: Any, *, source: str | None = None) -> Recipe:
         """Parses a recipe mapping (as read from YAML).
 
         Args:
             d: the mapping.
-            source: where it came from (a file name) for error messages.
+            source: where it came from (a file name), named in errors.
 
         Raises:
-            ValueError: unknown keys, a missing or wrong `version`, bad values, methods that are
-                not available or cannot be combined.
+            RecipeError: unknown keys, a missing or wrong `version`, bad values, methods that
+                are not available or cannot be combined.
         """
+        try:
+            return cls._parse(d)
+        except RecipeError as e:
+            raise (e.from_file(source) if source else e) from None
+
+    @classmethod
+    def _parse(cls, d: Any) -> Recipe:
         if d is None:
             d = {}
         if not isinstance(d, Mapping):
-            raise ValueError(f"{source}: a recipe must be a mapping. Received: {type(d).__name__}")
+            raise RecipeError(
+                "recipe", f"must be a mapping of sections. Received: {type(d).__name__}"
+            )
         if "version" not in d:
-            raise ValueError(
-                f"{source}: recipe.version is missing; write `version: {RECIPE_VERSION}` "
-                f"at the top."
+            raise RecipeError(
+                "version", f"is missing; write `version: {RECIPE_VERSION}` at the top."
             )
-        methods = d.get("methods", ["magnitude"])
-        if isinstance(methods, str):
-            methods = [methods]
-        if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
-            raise ValueError(
-                f"recipe.methods must be a list of method names. Received: methods={methods!r}"
-            )
-        from keras_lean.pipeline.methods import METHODS
-
-        allowed = {"version", "methods", "max_accuracy_drop", *SECTIONS, *METHODS}
-        check_keys(d, allowed, "recipe")
-        options: dict[str, Any] = {}
-        for name in methods:
-            cls_ = method_class(name)
-            section = d.get(name) or {}
-            try:
-                options[name] = _parse_options(cls_.options_class, section, f"recipe.{name}")
-            except (ValueError, TypeError) as e:
-                msg = str(e)
-                if f"recipe.{name}" not in msg:
-                    msg = f"recipe.{name}: {msg}"
-                raise type(e)(msg) from e
-        for name in METHODS:
-            if name in d and name not in methods:
-                raise ValueError(
-                    f"recipe.{name} is given but {name!r} is not in recipe.methods "
-                    f"({list(methods)}); add it to methods or remove the section."
-                )
-        sections = {
-            key: sec_cls.from_dict(d.get(key) or {}, f"recipe.{key}")
-            for key, sec_cls in SECTIONS.items()
+        methods = _methods_list(d.get("methods", ["magnitude"]))
+        names = method_names()
+        allowed = ["version", "methods", "max_accuracy_drop", *SECTIONS, *names]
+        unknown = [k for k in d if k not in allowed]
+        if unknown:
+            raise unknown_key(unknown, allowed)
+        options = {
+            name: parse_section(method_class(name).options_class, d.get(name), name)
+            for name in dict.fromkeys(methods)
         }
-        max_drop = d.get("max_accuracy_drop", 0.01)
+        for name in names:
+            if name in d and name not in methods:
+                raise RecipeError(
+                    name,
+                    f"is given but {name!r} is not in methods ({list(methods)}); add it to "
+                    f"methods or remove the section.",
+                )
+        sections = {key: parse_section(sec, d.get(key), key) for key, sec in SECTIONS.items()}
         return cls(
             version=d["version"],
-            methods=tuple(methods),
+            methods=methods,
             method_options=options,
-            max_accuracy_drop=max_drop,
+            max_accuracy_drop=d.get("max_accuracy_drop", 0.01),
             sections=sections,
         )
-
-
-def _parse_options(options_class: type, section: Any, path: str) -> Any:
-    # Methods may accept the key path for their messages (`from_dict(d, path=...)`).
-    import inspect
-
-    params = inspect.signature(options_class.from_dict).parameters
-    if "path" in params:
-        return options_class.from_dict(section, path=path)
-    return options_class.from_dict(section)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -639,8 +529,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid YAML or not a valid recipe (the message names the file
-            and the key path).
+        RecipeError: the file is not UTF-8 text, not valid YAML or not a valid recipe (the
+            message names the file and the key path).
     """
     import yaml
 
@@ -648,45 +538,22 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.exists():
         raise FileNotFoundError(f"Recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a text file: {e}") from e
+        raise RecipeError("recipe", f"not a UTF-8 text file: {e}", source=str(path)) from e
+    except OSError as e:
+        raise RecipeError("recipe", f"cannot be read: {e}", source=str(path)) from e
     try:
-        return Recipe.from_dict(data, source=str(path))
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        if str(path) not in msg:
-            msg = f"{path}: {msg}"
-        raise type(e)(msg) from e
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError("recipe", f"not valid YAML: {e}", source=str(path)) from e
+    except (ValueError, TypeError, RecursionError) as e:  # PyYAML on some malformed scalars
+        raise RecipeError("recipe", f"not valid YAML: {e}", source=str(path)) from e
+    return Recipe.from_dict(data, source=str(path))
 
 
-_FIELD_COMMENTS = {
-    "finetune": {
-        "epochs": "fine-tune epochs; the sparsity schedule spans them",
-        "batch_size": "global batch size (split across replicas under a strategy)",
-        "learning_rate": "Adam learning rate",
-        "jit_compile": "on | off | auto (auto times both on this machine, keeps the faster)",
-        "mixed_precision": "on | off (mixed_float16; output layer stays float32)",
-        "early_stopping": "stop on validation accuracy",
-        "seed": "random seed",
-    },
-    "guard": {
-        "stages": "[] = off; e.g. [0.3, 0.5, 0.7]: prune in stages, keep the last within "
-        "max_accuracy_drop",
-        "epochs_per_stage": "fine-tune epochs per stage (replaces finetune.epochs)",
-    },
-    "export": {
-        "formats": "saved_model and/or tflite",
-        "quantization": "TFLite: none | dynamic | float16 | int8 (int8 calibrated on train data)",
-        "calibration_samples": "training samples for int8 calibration",
-        "latency_batch_size": "batch size of the Keras vs TFLite latency measurement",
-        "latency_runs": "timed batches per runtime (median reported)",
-        "compare_baseline": "also export the baseline to TFLite for the size ratio",
-        "fold_batchnorm": "fold BatchNormalization into the Conv/Dense before it (inference)",
-    },
-}
+# --------------------------------------------------------------------------------------------
+# The commented YAML `configure` writes
 
 
 def _yaml_value(value: Any) -> str:
@@ -698,23 +565,34 @@ def _yaml_value(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def _render_mapping(d: Mapping, comments: Mapping, indent: int) -> list[str]:
-    lines = []
+def _render_section(options: Any, indent: int) -> list[str]:
+    """Every field of `options` with its value and comment; sub-sections as nested blocks."""
     pad = "  " * indent
-    for key, value in d.items():
+    comments = field_comments(type(options))
+    lines = []
+    for key, value in options.to_dict().items():
         comment = comments.get(key)
-        if isinstance(value, Mapping) and value:
-            lines.append(f"{pad}{key}:" + (f"  # {comment}" if comment else ""))
-            sub = comments.get(f"{key}.", {}) if isinstance(comments, Mapping) else {}
-            lines.extend(_render_mapping(value, sub, indent + 1))
+        tail = f"  # {comment}" if comment else ""
+        sub = getattr(options, key, None)
+        if isinstance(sub, Section) and isinstance(value, Mapping) and value:
+            lines.append(f"{pad}{key}:{tail}")
+            lines.extend(_render_section(sub, indent + 1))
         else:
-            line = f"{pad}{key}: {_yaml_value(value)}"
-            lines.append(line + (f"  # {comment}" if comment else ""))
+            lines.append(f"{pad}{key}: {_yaml_value(value)}{tail}")
     return lines
+
+
+def _pipeline_order() -> str:
+    by_order: dict[int, list[str]] = {}
+    for cls in method_classes():
+        by_order.setdefault(cls.order, []).append(cls.name)
+    return ", ".join("|".join(names) for _, names in sorted(by_order.items()))
 
 
 def recipe_to_yaml(recipe: Recipe, *, header: str = "", layers: list[str] | None = None) -> str:
     """Renders `recipe` as a commented YAML document that `load_recipe` reads back equal.
+
+    Every field of every section gets its comment (from the field's metadata).
 
     Args:
         recipe: the recipe.
@@ -737,22 +615,42 @@ def recipe_to_yaml(recipe: Recipe, *, header: str = "", layers: list[str] | None
     out.append(f"version: {recipe.version}  # recipe format version")
     out.append(
         f"methods: {_yaml_value(list(recipe.methods))}  # applied in this pipeline order: "
-        "structured, lowrank, magnitude|movement, lottery, lora"
+        f"{_pipeline_order()}"
     )
     for name in recipe.methods:
-        opts = recipe.method_options[name]
-        out.append("")
-        out.append(f"{name}:")
-        comments = getattr(type(opts), "FIELD_COMMENTS", {})
-        out.extend(_render_mapping(opts.to_dict(), comments, 1))
-    for key in SECTIONS:
-        out.append("")
-        out.append(f"{key}:")
-        comments = dict(_FIELD_COMMENTS.get(key, {}))
-        out.extend(_render_mapping(recipe.sections[key].to_dict(), comments, 1))
+        out += ["", f"{name}:  # {_first_line(method_class(name))}"]
+        out.extend(_render_section(recipe.method_options[name], 1))
+    for key, section_class in SECTIONS.items():
+        out += ["", f"{key}:  # {_first_line(section_class)}"]
+        out.extend(_render_section(recipe.sections[key], 1))
     out.append("")
     out.append(
         f"max_accuracy_drop: {_yaml_value(recipe.max_accuracy_drop)}  "
         "# validate fails (exit 1) if accuracy drops more than this (0.01 = 1 point)"
     )
     return "\n".join(out) + "\n"
+
+
+def _first_line(obj: Any) -> str:
+    return (obj.__doc__ or obj.__name__).strip().splitlines()[0].rstrip(".")
+
+
+__all__ = [
+    "FORMAT_CHOICES",
+    "JIT_CHOICES",
+    "KERAS_QUANTIZATION_CHOICES",
+    "QUANTIZATION_CHOICES",
+    "RECIPE_VERSION",
+    "SECTIONS",
+    "SPARSE_TFLITE_AUTO",
+    "DistillOptions",
+    "EarlyStoppingOptions",
+    "ExportOptions",
+    "FinetuneOptions",
+    "GuardOptions",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "method_class",
+    "recipe_to_yaml",
+]

@@ -9,6 +9,7 @@ Layout of `RUN/` (default `savedmodels/<run-name>/`)::
     checkpoint.json      the epoch that checkpoint belongs to (for `--resume`)
     jit_decision.json    the measured `jit_compile: auto` decision, reused by later runs
     finetuned.keras      step 3 (`finetune`)
+    methods/<name>.json  step 3: the state each method needs at deploy (`Method.save_state`)
     validation.json      step 4 (`validate`)
     export/              step 5 (`deploy`): saved_model/, model.tflite, baseline.tflite, deploy.json
     energy/<stage>/      energy.json and energy.csv of each stage's last successful run
@@ -31,8 +32,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from keras_lean._files import temp_dir_beside, temp_file_beside
+
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+
+    from keras_lean.pipeline.steps.stage import StageEntry
 
 #: Which step writes each artifact, used to say which step to run first.
 PRODUCED_BY = {
@@ -53,9 +58,8 @@ class MissingStepError(FileNotFoundError):
 
 
 def _tmp_name(path: Path, suffix: str = "") -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    # With the umask's mode (not mkstemp's 0600): the rename keeps it, and run folders are shared.
+    return temp_file_beside(path, suffix)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -138,7 +142,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)  # the umask's folder mode, not mkdtemp's 0700
     try:
         yield tmp
         if path.exists():
@@ -213,6 +217,11 @@ class RunDir:
         return self.root / "export"
 
     @property
+    def method_state_dir(self) -> Path:
+        """`RUN/methods/`: what each method saved at finetune for deploy (`<name>.json`)."""
+        return self.root / "methods"
+
+    @property
     def report_file(self) -> Path:
         return self.root / "report.json"
 
@@ -263,6 +272,16 @@ class RunDir:
                 f"'stages' list."
             )
         return stages
+
+    def read_entries(self) -> list[StageEntry]:
+        """Returns the stage entries of `report.json` as `StageEntry`s (empty when none).
+
+        Raises:
+            ValueError: the file is not a keras_lean report, or an entry lacks a field.
+        """
+        from keras_lean.pipeline.steps.stage import StageEntry
+
+        return [StageEntry.from_dict(s) for s in self.read_report()]
 
     def record_stage(self, entry: dict) -> list[dict]:
         """Adds one stage entry to `report.json`, replacing an earlier entry of the same stage.

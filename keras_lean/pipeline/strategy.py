@@ -13,31 +13,41 @@ def get_strategy(name: str = "default") -> Any:
     Args:
         name: `"default"` (no distribution: the default strategy), `"mirrored"` (synchronous
             data parallelism over this machine's GPUs, or over its logical CPU devices when there
-            is no GPU) or `"multiworker"` (`MultiWorkerMirroredStrategy`; the cluster comes from
-            the `TF_CONFIG` environment variable, a single worker without it).
+            is no GPU). `"multiworker"` is refused: Keras 3 cannot train under TensorFlow's
+            `MultiWorkerMirroredStrategy` (keras-team/keras#20585); several processes train
+            on JAX's engine instead (`keras_lean.pipeline.distribution`, docs/distributed.md).
+            Under the JAX backend only `"default"` applies.
 
     Returns:
         The strategy; build, load and compile models inside `strategy.scope()`.
 
     Raises:
-        ValueError: unknown `name`.
+        ValueError: unknown `name`, `"multiworker"`, or a tf.distribute strategy under JAX.
     """
     if name not in STRATEGIES:
         raise ValueError(
             f"strategy must be one of {', '.join(STRATEGIES)}. Received: strategy={name!r}"
         )
+    from keras_lean import _backend
+    from keras_lean.pipeline.distribution import MULTIWORKER_REFUSAL
+
+    if name == "multiworker":
+        raise ValueError(MULTIWORKER_REFUSAL)
+    if name != "default" and _backend.name() != "tensorflow":
+        raise ValueError(
+            f"--strategy {name} is a tf.distribute strategy and needs KERAS_BACKEND=tensorflow; "
+            f"this process runs {_backend.name()} (use --distribution data-parallel there)."
+        )
     import tensorflow as tf
 
     if name == "default":
         return tf.distribute.get_strategy()
-    if name == "mirrored":
-        if tf.config.list_logical_devices("GPU"):
-            return tf.distribute.MirroredStrategy()
-        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-        # Reduce through one device: CPU collectives keep process-wide group/instance keys, so a
-        # second MirroredStrategy in the same process (a later stage, a test) collides with the
-        # first one's collectives and aborts them.
-        return tf.distribute.MirroredStrategy(
-            devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
-        )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    if tf.config.list_logical_devices("GPU"):  # "mirrored"
+        return tf.distribute.MirroredStrategy()
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    # Reduce through one device: CPU collectives keep process-wide group/instance keys, so a
+    # second MirroredStrategy in the same process (a later stage, a test) collides with the
+    # first one's collectives and aborts them.
+    return tf.distribute.MirroredStrategy(
+        devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )

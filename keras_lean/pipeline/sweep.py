@@ -33,26 +33,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from keras_lean.pipeline.methods import method_classes
+from keras_lean.pipeline.plots import PLOT_INSTALL_HINT, plot_sweep
 from keras_lean.pipeline.recipe import Recipe, load_recipe, method_class, recipe_to_yaml
-from keras_lean.pipeline.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from keras_lean.pipeline.rundir import RunDir, atomic_write_text
 from keras_lean.pipeline.steps import configure, deploy, finetune, train_baseline, validate
+from keras_lean.pipeline.steps.report import fmt, text_table
+from keras_lean.pipeline.steps.stage import StageEntry
 
-#: Targets swept per method when none are given. Structured targets are channel ratios (the
-#: fraction of every channel group removed), so they stay lower than the unstructured ones.
-DEFAULT_TARGETS: Mapping[str, tuple[float, ...]] = {
-    "magnitude": (0.5, 0.7, 0.8, 0.9),
-    "movement": (0.5, 0.7, 0.8, 0.9),
-    "structured": (0.25, 0.5),
-    "lottery": (0.5, 0.8, 0.9),
-}
-#: What a sweep target sets in a method's recipe section, by preference: `target_sparsity`,
-#: `ratio` (structured), or `final_sparsity` for iterative methods with `rounds` and a per-round
-#: `rate` (lottery), where the rate becomes `1 - (1 - target) ** (1 / rounds)`.
-TARGET_OPTIONS = ("target_sparsity", "ratio", "final_sparsity")
 CSV_NAME = "sweep.csv"
 PNG_NAME = "sweep.png"
 BASELINE_NAME = "baseline"
-PLOT_INSTALL_HINT = 'pip install "keras_lean[plot]"'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +179,12 @@ class SweepResult:
                 (
                     p.method,
                     f"{p.target:g}",
-                    _fmt(p.accuracy, "{:.4f}"),
-                    _fmt(p.accuracy_drop, "{:+.4f}"),
-                    _fmt(p.sparsity, "{:.1%}"),
-                    _fmt(p.param_fraction, "{:.0%}"),
-                    _fmt(p.finetune_energy_j, "{:.1f}"),
-                    _fmt(p.tflite_latency_ms, "{:.3f}"),
+                    fmt(p.accuracy, "{:.4f}"),
+                    fmt(p.accuracy_drop, "{:+.4f}"),
+                    fmt(p.sparsity, "{:.1%}"),
+                    fmt(p.param_fraction, "{:.0%}"),
+                    fmt(p.finetune_energy_j, "{:.1f}"),
+                    fmt(p.tflite_latency_ms, "{:.3f}"),
                 )
             )
             if not p.ok:
@@ -202,25 +193,9 @@ class SweepResult:
                 notes.append("* sweet spot")
             else:
                 notes.append("" if p.passed else "over max drop")
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-        def line(cells):
-            return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-
-        lines = [line(headers), "  ".join("-" * w for w in widths)]
-        lines += [f"{line(r)}  {n}".rstrip() for r, n in zip(rows, notes, strict=True)]
-        return "\n".join(lines)
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _nan(value: float | None) -> float:
-    return float("nan") if value is None else value
+        lines = text_table(headers, rows, left=(0, 1), rule=True)
+        body = [f"{row}  {note}".rstrip() for row, note in zip(lines[2:], notes, strict=True)]
+        return "\n".join([*lines[:2], *body])
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,39 +203,13 @@ def _nan(value: float | None) -> float:
 
 
 def available_methods() -> list[str]:
-    """Registered methods whose module imports here and that have a sparsity target option."""
-    from keras_lean.pipeline.methods import METHODS, get_method_class
-
-    out = []
-    for name in METHODS:
-        try:
-            cls = get_method_class(name)
-        except (ImportError, AttributeError, ValueError):
-            continue  # e.g. a method whose module is not in this install
-        if _target_option(cls) is not None:
-            out.append(name)
-    return out
-
-
-def _target_option(cls: type) -> str | None:
-    options = cls.options_class
-    names = {f.name for f in dataclasses.fields(options)}
-    if {"rate", "rounds"} <= names and hasattr(options, "final_sparsity"):
-        names.add("final_sparsity")
-    return next((o for o in TARGET_OPTIONS if o in names), None)
-
-
-def _with_target(options: Any, option: str, target: float) -> Any:
-    if option == "final_sparsity":
-        rate = 1.0 - (1.0 - target) ** (1.0 / options.rounds)
-        return dataclasses.replace(options, rate=rate)
-    return dataclasses.replace(options, **{option: target})
+    """Registered methods whose module imports here and that have a target option."""
+    return [c.name for c in method_classes() if c.target_option is not None]
 
 
 def default_methods() -> list[str]:
-    """The methods a sweep runs when none are named: those of `DEFAULT_TARGETS` available here."""
-    available = set(available_methods())
-    return [m for m in DEFAULT_TARGETS if m in available]
+    """The methods a sweep runs when none are named: those with `Method.sweep_targets`."""
+    return [c.name for c in method_classes() if c.target_option is not None and c.sweep_targets]
 
 
 def sweep_points(
@@ -272,7 +221,7 @@ def sweep_points(
     Args:
         methods: method names (None: `default_methods()`).
         targets: targets for every method, or a mapping method -> targets (None: each method's
-            `DEFAULT_TARGETS`). Each target is in (0, 1).
+            `Method.sweep_targets`). Each target is in (0, 1).
 
     Returns:
         The points, methods in the given order, targets in the given order (duplicates dropped).
@@ -290,10 +239,10 @@ def sweep_points(
         raise ValueError("methods must name at least one method. Received: methods=[]")
     for name in methods:
         cls = method_class(name, path="methods")
-        if _target_option(cls) is None:
+        if cls.target_option is None:
             raise ValueError(
-                f"methods: {name!r} has no sparsity target to sweep (none of the options "
-                f"{', '.join(TARGET_OPTIONS)}). Sweepable here: {', '.join(available_methods())}."
+                f"methods: {name!r} has no sparsity target to sweep (no target option). "
+                f"Sweepable here: {', '.join(available_methods())}."
             )
     if isinstance(targets, Mapping):
         unknown = sorted(set(targets) - set(methods))
@@ -303,10 +252,16 @@ def sweep_points(
             )
     points = []
     for name in methods:
-        if targets is None:
-            ts = DEFAULT_TARGETS.get(name, DEFAULT_TARGETS["magnitude"])
+        own = method_class(name, path="methods").sweep_targets
+        if targets is None or (isinstance(targets, Mapping) and name not in targets):
+            if not own:
+                raise ValueError(
+                    f"targets: method {name!r} has no default sweep targets; give its "
+                    f"{method_class(name).target_option} values in targets."
+                )
+            ts = own
         elif isinstance(targets, Mapping):
-            ts = targets.get(name, DEFAULT_TARGETS.get(name, DEFAULT_TARGETS["magnitude"]))
+            ts = targets[name]
         else:
             ts = targets
         ts = [ts] if isinstance(ts, (int, float)) else list(ts)
@@ -334,9 +289,8 @@ def point_recipe(base: Recipe, method: str, target: float) -> Recipe:
         ValueError: the method's options reject the target.
     """
     cls = method_class(method, path="methods")
-    option = _target_option(cls)
     opts = base.method_options.get(method) or cls.options_class()
-    return base.replace(methods=(method,), **{method: _with_target(opts, option, target)})
+    return base.replace(methods=(method,), **{method: cls.with_target(opts, target)})
 
 
 def _folder_name(method: str, target: float) -> str:
@@ -381,7 +335,8 @@ def sweep(
         methods: method names (None: magnitude, movement, structured, and lottery where
             available).
         targets: targets in (0, 1) for every method, or a mapping method -> targets (None:
-            `DEFAULT_TARGETS`). The target sets `target_sparsity`, or `ratio` for structured.
+            each method's `Method.sweep_targets`). The target sets the method's
+            `Method.target_option` (`target_sparsity`, `ratio` for structured, ...).
         epochs: fine-tune epochs of every point (None: the recipe's).
         baseline_run: a run folder holding `baseline.keras` (and its `manifest.json`) to start
             from instead of training a baseline.
@@ -454,7 +409,7 @@ def sweep(
             seed=seed,
             verbose=verbose,
         )
-    baseline_entry = next((s for s in source.read_report() if s.get("stage") == "baseline"), None)
+    baseline_entry = next((e for e in source.read_entries() if e.stage == "baseline"), None)
 
     base, jit = _settle_jit(base, source, data if baseline_run is not None else None, val_split)
     recipes = [point_recipe(base, m, t) for m, t in plan]
@@ -528,7 +483,7 @@ def _settle_jit(
 def _run_point(
     run: RunDir,
     source: RunDir,
-    baseline_entry: dict | None,
+    baseline_entry: StageEntry | None,
     *,
     method: str,
     target: float,
@@ -555,7 +510,7 @@ def _run_point(
                 fields["val_split"] = val_split
             run.update_manifest(**fields)
         if baseline_entry is not None:
-            run.record_stage(baseline_entry)
+            run.record_stage(baseline_entry.to_dict())
         stage = "configure"
         header = f"keras_lean sweep point: {method} at {target:g}."
         atomic_write_text(run.recipe, recipe_to_yaml(recipe, header=header))
@@ -575,40 +530,42 @@ def _run_point(
 def _point_from_run(
     run: RunDir, method: str, target: float, recipe: Recipe, error: str | None
 ) -> SweepPoint:
-    """Reads a point's figures from its `report.json` (whatever stages finished)."""
+    """Reads a point's figures from its run folder's stage entries (whatever stages finished)."""
     try:
-        stages = {s.get("stage"): s for s in run.read_report()}
+        entries = {e.stage: e for e in run.read_entries()}
     except (OSError, ValueError):
-        stages = {}
+        entries = {}
     kw: dict[str, Any] = {
         "max_accuracy_drop": recipe.max_accuracy_drop,
         "status": "ok" if error is None else "failed",
         "error": error,
     }
-    base = stages.get("baseline") or {}
-    ft = stages.get("finetune")
+    base = entries.get("baseline")
+    ft = entries.get("finetune")
     if ft is not None:
         kw.update(
-            finetune_duration_s=ft.get("duration_s"),
-            finetune_energy_j=ft.get("energy_j"),
-            finetune_energy_kwh=ft.get("energy_kwh"),
-            energy_method=ft.get("energy_method"),
+            finetune_duration_s=ft.duration_s,
+            finetune_energy_j=ft.energy_j,
+            finetune_energy_kwh=ft.energy_kwh,
+            energy_method=ft.energy_method,
         )
-    val = stages.get("validate")
+    val = entries.get("validate")
     if val is not None:
-        v = val.get("details") or {}
+        v = val.details or {}
         kw.update(
             accuracy=v.get("finetuned_accuracy"),
             baseline_accuracy=v.get("baseline_accuracy"),
             accuracy_drop=v.get("accuracy_drop"),
             passed=v.get("passed"),
         )
-    dep = stages.get("deploy")
+    dep = entries.get("deploy")
     if dep is not None:
-        d = dep.get("details") or {}
+        d = dep.details or {}
         exp = d.get("export") or {}
-        base_params = base.get("params") or (d.get("baseline_export") or {}).get("params")
-        params, nonzero = dep.get("params"), dep.get("nonzero_params")
+        base_params = (base.params if base is not None else None) or (
+            d.get("baseline_export") or {}
+        ).get("params")
+        params, nonzero = dep.params, dep.nonzero_params
         kw.update(
             params=params,
             nonzero_params=nonzero,
@@ -626,7 +583,7 @@ def _point_from_run(
         final = ((d.get("methods") or {}).get(method) or {}).get("final")
         if isinstance(final, dict) and final.get("sparsity") is not None:
             kw["pruned_sparsity"] = final["sparsity"]
-    option = _target_option(method_class(method))
+    option = method_class(method).target_option
     return SweepPoint(method, target, option, run.root.name, **kw)
 
 
@@ -670,126 +627,8 @@ def _write_csv(path: Path, points: Sequence[SweepPoint]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-# --------------------------------------------------------------------------------------------
-# The plot (the only place matplotlib is imported)
-
-
-def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike) -> Path:
-    """Draws accuracy, fine-tune energy and TFLite latency against sparsity into a PNG.
-
-    Three panels share the sparsity axis, one line per method; the top panel shows the
-    baseline accuracy and the band allowed by `max_accuracy_drop`, and the sweet spot is a
-    star with its figures. Failed points are counted in the title.
-
-    Args:
-        points: the sweep's points (failed ones are skipped).
-        path: the PNG file (written atomically).
-
-    Returns:
-        The path.
-
-    Raises:
-        ImportError: matplotlib is not installed (`pip install "keras_lean[plot]"`).
-    """
-    # Figure without pyplot: no global backend or state is touched.
-    from matplotlib.figure import Figure
-
-    ok = [p for p in points if p.ok and p.sparsity is not None and p.accuracy is not None]
-    base = next((p for p in ok if p.baseline_accuracy is not None), None)
-    # The decision happens near the baseline: points far below it (a collapsed method) would
-    # squash that band, so they sit on the bottom edge as open triangles with their accuracy.
-    floor = None
-    if base is not None:
-        floor = 100 * (base.baseline_accuracy - max(10 * (base.max_accuracy_drop or 0.0), 0.05))
-        if all(100 * p.accuracy >= floor for p in ok):
-            floor = None
-    fig = Figure(figsize=(8.5, 10), layout="constrained")
-    ax_acc, ax_e, ax_lat = fig.subplots(3, 1, sharex=True, height_ratios=[2.2, 1, 1])
-    markers = "osD^vP*X"
-    methods = list(dict.fromkeys(p.method for p in ok))
-    for k, method in enumerate(methods):
-        pts = sorted((p for p in ok if p.method == method), key=lambda p: p.sparsity)
-        xs = [100 * p.sparsity for p in pts]
-        ys = [100 * p.accuracy if floor is None else max(100 * p.accuracy, floor) for p in pts]
-        style = dict(marker=markers[k % len(markers)], label=method, color=f"C{k}")
-        ax_acc.plot(xs, ys, **style)
-        for p, x, y in zip(pts, xs, ys, strict=True):
-            clipped = floor is not None and 100 * p.accuracy < floor
-            if clipped:
-                ax_acc.scatter(
-                    [x], [y], marker="v", s=90, facecolor="white", color=f"C{k}", zorder=4
-                )
-            ax_acc.annotate(
-                f"{p.target:g}: {p.accuracy:.1%}" if clipped else f"{p.target:g}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(4, 6) if clipped else (4, -11),
-                fontsize=7,
-                color=f"C{k}",
-            )
-        ax_e.plot(xs, [_nan(p.finetune_energy_j) for p in pts], **style)
-        ax_lat.plot(xs, [_nan(p.tflite_latency_ms) for p in pts], **style)
-
-    if base is not None:
-        b = 100 * base.baseline_accuracy
-        lo = b - 100 * (base.max_accuracy_drop or 0.0)
-        ax_acc.axhline(b, color="0.3", linestyle="--", linewidth=1, label="baseline")
-        ax_acc.axhspan(
-            lo, b, color="tab:green", alpha=0.12, label=f"max drop {base.max_accuracy_drop:g}"
-        )
-    best = next((p for p in ok if p.sweet_spot), None)
-    if best is not None:
-        x = 100 * best.sparsity
-        star = dict(marker="*", s=320, color="gold", edgecolor="black", zorder=5)
-        ax_acc.scatter([x], [100 * best.accuracy], label="sweet spot", **star)
-        ax_e.scatter([x], [_nan(best.finetune_energy_j)], **star)
-        ax_lat.scatter([x], [_nan(best.tflite_latency_ms)], **star)
-        ax_acc.set_title(
-            f"sweet spot \u2605 {best.method} {best.target:g}: {best.sparsity:.1%} sparse, "
-            f"accuracy {best.accuracy:.4f} (drop {best.accuracy_drop:+.4f}), fine-tune "
-            f"{_fmt(best.finetune_energy_j, '{:.1f}')} J, TFLite "
-            f"{_fmt(best.tflite_latency_ms, '{:.3f}')} ms",
-            fontsize=9,
-            loc="left",
-        )
-    else:
-        ax_acc.set_title("no sweet spot: no point passed the max accuracy drop", fontsize=9)
-    ax_acc.set_ylabel("validation accuracy (%)")
-    if floor is not None:
-        top = max(100 * p.accuracy for p in ok)
-        ax_acc.set_ylim(floor - 0.6, max(top, 100 * base.baseline_accuracy) + 0.6)
-        ax_acc.scatter(
-            [], [], marker="v", s=60, facecolor="white", color="0.4", label=f"< {floor:.1f} %"
-        )
-    ax_acc.legend(fontsize=8, loc="best")
-    energy_method = next((p.energy_method for p in ok if p.energy_method), None)
-    ax_e.set_ylabel("fine-tune energy (J)")
-    if energy_method:
-        ax_e.set_title(f"fine-tune energy ({energy_method})", fontsize=9, loc="left")
-    batch = next((p.latency_batch_size for p in ok if p.latency_batch_size), None)
-    ax_lat.set_ylabel("TFLite latency (ms)")
-    ax_lat.set_title(
-        f"TFLite latency per batch{f' of {batch}' if batch else ''} (median)",
-        fontsize=9,
-        loc="left",
-    )
-    ax_lat.set_xlabel("sparsity: % of the baseline's parameters removed or zero")
-    for ax in (ax_acc, ax_e, ax_lat):
-        ax.grid(True, alpha=0.3)
-    failed = len(points) - len(ok)
-    fig.suptitle(
-        f"keras_lean sweep: {len(ok)} points"
-        + (f", {failed} failed (see sweep.csv)" if failed else ""),
-        fontsize=11,
-    )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 __all__ = [
     "CSV_COLUMNS",
-    "DEFAULT_TARGETS",
     "SweepPoint",
     "SweepResult",
     "available_methods",

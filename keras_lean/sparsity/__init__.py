@@ -16,6 +16,8 @@ from keras_lean.sparsity.api import (
 )
 from keras_lean.sparsity.callbacks import PruningSummaries, UpdatePruningStep
 from keras_lean.sparsity.lottery import LotteryResult, LotteryRound, find_lottery_ticket
+from keras_lean.sparsity.oneshot import OneshotLayer, OneshotReport, prune_oneshot
+from keras_lean.sparsity.registry import PrunableLayer, PrunableWeight, register_prunable
 from keras_lean.sparsity.schedules import (
     ConstantSparsity,
     PolynomialDecay,
@@ -30,7 +32,11 @@ __all__ = [
     "LayerSparsity",
     "LotteryResult",
     "LotteryRound",
+    "OneshotLayer",
+    "OneshotReport",
     "PolynomialDecay",
+    "PrunableLayer",
+    "PrunableWeight",
     "PruneLowMagnitude",
     "PruningSchedule",
     "PruningSummaries",
@@ -43,8 +49,10 @@ __all__ = [
     "get_masks",
     "is_prunable",
     "prunable_weights",
+    "prune_oneshot",
     "prune_low_magnitude",
     "pruning_wrappers",
+    "register_prunable",
     "set_masks",
     "sparsity_report",
     "strip_pruning",

@@ -11,7 +11,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lean._keras_internals import flatten_layers, functional_class
 from keras_lean.sparsity import masks as mask_math
+from keras_lean.sparsity.registry import prunable_layer_types
 from keras_lean.sparsity.wrapper import PruneLowMagnitude, is_prunable, prunable_weights
 
 __all__ = [
@@ -32,6 +34,10 @@ _OVERRIDE_KEYS = (
     "sparsity_m_by_n",
     "criterion",
     "update_masks",
+    "score_lr_multiplier",
+    "threshold",
+    "l1_coefficient",
+    "score_init",
 )
 
 
@@ -57,12 +63,22 @@ def _iter_layers(model) -> Iterable:
             yield layer
 
 
+def _is_wildcard(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 class _Selector:
-    """Resolves `filters` to per-layer keyword overrides (None: leave the layer alone)."""
+    """Resolves `filters` to per-layer keyword overrides (None: leave the layer alone).
+
+    A pattern with wildcards (`"*"`, `"dense_?"`) selects the *prunable* layers it matches and
+    passes over the others (Flatten, Dropout, ...); a plain name must name a prunable layer.
+    Every pattern must select at least one layer.
+    """
 
     def __init__(self, filters: Any):
         self.filters = filters
         self.matched: set[str] = set()
+        self.seen: dict[str, list] = {}  # wildcard -> non-prunable layers it matched
         if filters is None or callable(filters):
             return
         if isinstance(filters, str):
@@ -102,16 +118,15 @@ class _Selector:
                     f"Received: {chosen!r} for layer {layer.name!r}"
                 )
             return self._checked(layer, overrides)
-        if isinstance(f, dict):
-            for pattern, overrides in f.items():
-                if fnmatch.fnmatchcase(layer.name, pattern):
-                    self.matched.add(pattern)
-                    return None if overrides is None else self._checked(layer, overrides)
-            return None
-        for pattern in f:
-            if fnmatch.fnmatchcase(layer.name, pattern):
-                self.matched.add(pattern)
-                return self._checked(layer, {})
+        items = f.items() if isinstance(f, dict) else ((p, {}) for p in f)
+        for pattern, overrides in items:
+            if not fnmatch.fnmatchcase(layer.name, pattern):
+                continue
+            if _is_wildcard(pattern) and not is_prunable(layer):
+                self.seen.setdefault(pattern, []).append(layer)
+                continue  # a wildcard passes over the layers it cannot prune
+            self.matched.add(pattern)
+            return None if overrides is None else self._checked(layer, overrides)
         return None
 
     @staticmethod
@@ -130,21 +145,37 @@ class _Selector:
         if not is_prunable(layer):
             raise ValueError(
                 f"Layer {layer.name!r} of type {type(layer).__name__} cannot be pruned. "
-                "Prunable: Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv1D/2D, "
-                "SeparableConv1D/2D, Embedding, MultiHeadAttention."
+                f"Prunable: {', '.join(prunable_layer_types())}, or a layer with a "
+                "get_prunable_weights() method (keras_lean.sparsity.PrunableLayer)."
             )
         return overrides
 
     def check_all_matched(self) -> None:
         if isinstance(self.filters, list | dict):
             missing = [p for p in self.filters if p not in self.matched]
+            unprunable = [p for p in missing if p in self.seen]
+            if unprunable:
+                found = ", ".join(
+                    f"{layer.name} ({type(layer).__name__})"
+                    for p in unprunable
+                    for layer in self.seen[p]
+                )
+                raise ValueError(
+                    f"filters pattern(s) {unprunable} matched no prunable layer of the model, "
+                    f"only: {found}."
+                )
             if missing:
                 raise ValueError(f"filters pattern(s) {missing} matched no layer of the model.")
 
 
 def _copy_layer(layer):
     """A new, built layer with the same config and weights (the original is untouched)."""
-    new = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    try:
+        new = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    except TypeError:
+        # A custom layer that is not registered as serializable: its class is at hand here,
+        # so rebuild it from its config (what keras.models.clone_model does by default).
+        new = type(layer).from_config(layer.get_config())
     if layer.built and not new.built:
         new.build_from_config(layer.get_build_config())
     if layer.built:
@@ -185,7 +216,9 @@ def prune_low_magnitude(
         filters: which layers to prune, for models: None (every prunable layer); a
             callable(layer) returning True/False/None or a dict of per-layer overrides; a list
             of `fnmatch` layer-name patterns; or a dict `{pattern: overrides or None}`.
-        criterion: "magnitude" or "movement".
+        criterion: "magnitude", "movement" or "soft_movement" (see `PruneLowMagnitude`; the
+            movement options `score_lr_multiplier`, `threshold`, `l1_coefficient`,
+            `score_init` go in kwargs).
         **kwargs: further `PruneLowMagnitude` arguments (e.g. `update_masks=False`).
 
     Returns:
@@ -238,13 +271,13 @@ def prune_low_magnitude(
 
 
 def _prune_model(model: keras.Model, defaults: dict, filters) -> keras.Model:
-    if not (isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)):
-        if type(model).__name__ != "Functional":
-            raise ValueError(
-                f"prune_low_magnitude supports Sequential and functional models. Received the "
-                f"subclassed model {model.name!r} ({type(model).__name__}): wrap its layers "
-                "yourself with prune_low_magnitude(layer)."
-            )
+    # keras.models.clone_model swaps the layers of exactly these two kinds of models.
+    if not (isinstance(model, keras.Sequential) or type(model) is functional_class()):
+        raise ValueError(
+            f"prune_low_magnitude supports Sequential and functional models. Received the "
+            f"subclassed model {model.name!r} ({type(model).__name__}): wrap its layers "
+            "yourself with prune_low_magnitude(layer)."
+        )
     if filters is None:
         for layer in _iter_layers(model):
             if isinstance(layer, PruneLowMagnitude):
@@ -263,9 +296,31 @@ def _prune_model(model: keras.Model, defaults: dict, filters) -> keras.Model:
             return copy
         return _wrap(copy, defaults, overrides)
 
-    clone = keras.models.clone_model(model, clone_function=clone_fn)
+    _check_nested(model)
+    # recursive: the layers of nested Sequential / functional models are selected and wrapped
+    # too (each nested model is rebuilt around its wrapped layers).
+    clone = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
     selector.check_all_matched()
     return clone
+
+
+def _check_nested(model: keras.Model) -> None:
+    """Refuses nested models clone_model cannot look into, when they hold prunable layers."""
+    for layer in model.layers:
+        if not isinstance(layer, keras.Model):
+            continue
+        if isinstance(layer, keras.Sequential) or type(layer) is functional_class():
+            _check_nested(layer)
+            continue
+        inner = [sub.name for sub in flatten_layers(layer) if is_prunable(sub)]
+        if inner:
+            raise ValueError(
+                f"Model {model.name!r} contains the nested model {layer.name!r} "
+                f"({type(layer).__name__}), whose layers cannot be rebuilt with wrappers "
+                f"(it holds prunable layers {inner[:4]}). Build the nested model with the "
+                "functional API or Sequential, or prune it on its own first with "
+                "prune_low_magnitude(its layers)."
+            )
 
 
 def strip_pruning(model):
@@ -292,7 +347,8 @@ def strip_pruning(model):
             return _unwrap(layer)
         return _copy_layer(layer)
 
-    return keras.models.clone_model(model, clone_function=clone_fn)
+    # recursive: wrappers inside nested Sequential / functional models are removed too.
+    return keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
 
 
 def _unwrap(wrapper: PruneLowMagnitude):
@@ -354,11 +410,7 @@ class SparsityReport:
 
 def _nested_wrappers(layer) -> list[PruneLowMagnitude]:
     """Wrappers at any depth inside `layer` (e.g. under `TimeDistributed` or a custom layer)."""
-    return [
-        sub
-        for sub in layer._flatten_layers(include_self=False, recursive=True)
-        if isinstance(sub, PruneLowMagnitude)
-    ]
+    return [sub for sub in flatten_layers(layer) if isinstance(sub, PruneLowMagnitude)]
 
 
 def _model_weight_arrays(model) -> list[np.ndarray]:

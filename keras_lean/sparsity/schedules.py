@@ -25,6 +25,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_lean import _backend
+
 __all__ = [
     "ConstantSparsity",
     "PolynomialDecay",
@@ -330,6 +332,14 @@ class TfmotScheduleAdapter(PruningSchedule):
             raise ValueError(
                 "schedule must be a tfmot.sparsity.keras.PruningSchedule. "
                 f"Received: schedule={schedule!r}"
+            )
+        if _backend.is_jax():
+            raise ValueError(
+                f"Pruning schedule {type(schedule).__name__} (a TFMOT subclass) computes with "
+                "TensorFlow ops, which cannot run inside JAX's jitted train step. Under "
+                "KERAS_BACKEND=jax use keras_lean.sparsity.ConstantSparsity / PolynomialDecay "
+                "(TFMOT's two schedules convert to them), or subclass "
+                "keras_lean.sparsity.PruningSchedule with keras.ops."
             )
         self.schedule = schedule
         self.class_path = _class_path(type(schedule))

@@ -12,132 +12,36 @@ How pruning works here (and why):
   maps each weight to its masked value), so gradients of pruned weights are zero.
 - A mask constraint attached to each pruned variable (composed with the user's constraint) is
   applied by the Keras optimizer right after every update, so pruned weights stay exactly zero
-  after every step, whatever the optimizer's momentum or weight decay.
+  after every step, whatever the optimizer's momentum or weight decay. Movement criteria have
+  no constraint: their masks come from learned scores (straight-through estimator, see
+  `keras_lean.sparsity.movement`) and pruned weights keep their values so they can regrow.
 - Under `tf.distribute.MirroredStrategy` every replica computes the masks from its own (identical,
-  mirrored) weights; the step, masks and movement state use ONLY_FIRST_REPLICA aggregation, so
+  mirrored) weights; the step, masks and soft movement's ramp use ONLY_FIRST_REPLICA
+  aggregation, and movement scores are ordinary trainable variables (all-reduced gradients), so
   the replicas stay identical and equal to a single-device run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import keras
 from keras import ops
 
+from keras_lean import _backend
+from keras_lean._keras_internals import call_has_training_arg, own_variables
 from keras_lean.sparsity import masks as mask_math
+from keras_lean.sparsity import movement as movement_lib
+from keras_lean.sparsity.registry import (
+    PrunableWeight,
+    is_prunable,
+    prunable_layer_types,
+    prunable_weights,
+)
 from keras_lean.sparsity.schedules import ConstantSparsity, PruningSchedule, as_schedule
 
 __all__ = ["PruneLowMagnitude", "is_prunable", "prunable_weights", "CRITERIA", "POOLING_TYPES"]
 
-CRITERIA = ("magnitude", "movement")
+CRITERIA = ("magnitude", *movement_lib.MOVEMENT_CRITERIA)
 POOLING_TYPES = ("AVG", "MAX")
-_TRANSPOSE_CONVS = tuple(
-    getattr(keras.layers, n)
-    for n in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
-    if hasattr(keras.layers, n)
-)
-
-
-@dataclass(frozen=True)
-class PrunableWeight:
-    """One weight of a layer that can be pruned.
-
-    Attributes:
-        name: stable key inside the layer ("kernel", "query/kernel", ...).
-        variable: the Keras variable.
-        input_axis: the weight's input (reduction) axis, along which N:M groups run.
-    """
-
-    name: str
-    variable: keras.Variable
-    input_axis: int
-
-
-def _einsum_input_axis(equation: str, kernel_rank: int) -> int:
-    try:
-        lhs, out = equation.split("->")
-        inp, ker = lhs.split(",")
-    except ValueError:
-        return 0
-    contracted = [i for i, c in enumerate(ker) if c in inp and c not in out]
-    if not contracted or len(ker) != kernel_rank:
-        return 0
-    return contracted[-1]
-
-
-def _kernel_var(layer, attr="kernel"):
-    # Dense/EinsumDense/Embedding expose `kernel` as a property (LoRA adds to it); prune the
-    # underlying variable.
-    var = getattr(layer, f"_{attr}", None)
-    return var if var is not None else getattr(layer, attr)
-
-
-def prunable_weights(layer) -> list[PrunableWeight] | None:
-    """The weights keras_lean prunes in `layer`, or None if the layer type is not prunable.
-
-    Dense, EinsumDense: kernel. Conv1D/2D/3D: kernel. DepthwiseConv1D/2D: depthwise kernel.
-    SeparableConv1D/2D: both the depthwise and the pointwise kernel. Embedding: embeddings.
-    MultiHeadAttention: the query, key, value and output projection kernels. The layer must be
-    built (None is returned for an unbuilt layer of a prunable type only via `is_prunable`).
-    """
-    L = keras.layers
-    if isinstance(layer, L.MultiHeadAttention):
-        out = []
-        for part in ("query", "key", "value", "output"):
-            sub = getattr(layer, f"_{part}_dense")
-            out.append(
-                PrunableWeight(
-                    f"{part}/kernel",
-                    _kernel_var(sub),
-                    _einsum_input_axis(sub.equation, len(sub.kernel.shape)),
-                )
-            )
-        return out
-    if isinstance(layer, L.EinsumDense):
-        k = _kernel_var(layer)
-        return [PrunableWeight("kernel", k, _einsum_input_axis(layer.equation, len(k.shape)))]
-    if isinstance(layer, L.Dense):
-        return [PrunableWeight("kernel", _kernel_var(layer), 0)]
-    if isinstance(layer, L.Embedding):
-        return [PrunableWeight("embeddings", _kernel_var(layer, "embeddings"), 1)]
-    if isinstance(layer, _TRANSPOSE_CONVS):
-        return None
-    sep = tuple(getattr(L, n) for n in ("SeparableConv1D", "SeparableConv2D") if hasattr(L, n))
-    if isinstance(layer, sep):
-        return [
-            PrunableWeight("depthwise_kernel", layer.depthwise_kernel, -2),
-            PrunableWeight("pointwise_kernel", layer.pointwise_kernel, -2),
-        ]
-    dw = tuple(getattr(L, n) for n in ("DepthwiseConv1D", "DepthwiseConv2D") if hasattr(L, n))
-    if isinstance(layer, dw):
-        return [PrunableWeight("depthwise_kernel", layer.kernel, -2)]
-    if isinstance(layer, L.Conv1D | L.Conv2D | L.Conv3D):
-        return [PrunableWeight("kernel", layer.kernel, -2)]
-    return None
-
-
-_PRUNABLE_TYPES = (
-    "Dense",
-    "EinsumDense",
-    "Conv1D",
-    "Conv2D",
-    "Conv3D",
-    "DepthwiseConv1D",
-    "DepthwiseConv2D",
-    "SeparableConv1D",
-    "SeparableConv2D",
-    "Embedding",
-    "MultiHeadAttention",
-)
-
-
-def is_prunable(layer) -> bool:
-    """True if keras_lean can prune `layer` (see `prunable_weights`)."""
-    if isinstance(layer, _TRANSPOSE_CONVS) or isinstance(layer, PruneLowMagnitude):
-        return False
-    types = tuple(getattr(keras.layers, n) for n in _PRUNABLE_TYPES if hasattr(keras.layers, n))
-    return isinstance(layer, types)
 
 
 class _MaskConstraint(keras.constraints.Constraint):
@@ -185,9 +89,18 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         block_pooling_type: "AVG" or "MAX", how a block's weights are scored.
         sparsity_m_by_n: (m, n): m zeros in every n consecutive weights along the input axis.
             The mask is recomputed whenever the schedule says to prune; its sparsity is ignored.
-        criterion: "magnitude" (|w|) or "movement" (accumulated `-w * grad`, see
-            `keras_lean.sparsity.movement`).
+        criterion: "magnitude" (|w|), or learned movement scores trained through a
+            straight-through estimator (see `keras_lean.sparsity.movement`): "movement" (hard,
+            TopK of the scores) or "soft_movement" (`sigmoid(S) > threshold`, L1 penalty).
+            With movement, pruned weights keep their values and can regrow.
         update_masks: False freezes the masks (set them with `set_masks`); the step still counts.
+        score_lr_multiplier: movement criteria: the scores learn at this multiple of the
+            optimizer's learning rate.
+        threshold: "soft_movement": keep weights with `sigmoid(S) > threshold`, in (0, 1).
+        l1_coefficient: "soft_movement": weight of the L1 penalty on `sigmoid(S)`, >= 0.
+        score_init: movement criteria: "magnitude" (scores start at `|W| / mean|W|`) or
+            "zeros" (the paper's). For these four, None is the criterion's documented
+            default (`keras_lean.sparsity.movement.DEFAULTS`).
         **kwargs: base layer arguments (name, ...).
 
     Example:
@@ -204,6 +117,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         sparsity_m_by_n=None,
         criterion="magnitude",
         update_masks=True,
+        score_lr_multiplier=None,
+        threshold=None,
+        l1_coefficient=None,
+        score_init=None,
         **kwargs,
     ):
         if isinstance(layer, PruneLowMagnitude):
@@ -214,7 +131,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         if not is_prunable(layer):
             raise ValueError(
                 f"Layer {layer.name!r} of type {type(layer).__name__} cannot be pruned. "
-                f"Prunable types: {', '.join(_PRUNABLE_TYPES)}."
+                f"Prunable types: {', '.join(prunable_layer_types())}, or any layer with a "
+                "get_prunable_weights() method (keras_lean.sparsity.PrunableLayer)."
             )
         kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
         super().__init__(layer, **kwargs)
@@ -250,11 +168,25 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 f"Received: criterion={criterion!r}"
             )
         self.criterion = criterion
+        self.movement = movement_lib.MovementSettings.resolve(
+            criterion,
+            score_lr_multiplier=score_lr_multiplier,
+            threshold=threshold,
+            l1_coefficient=l1_coefficient,
+            score_init=score_init,
+        )
+        self._soft_final = movement_lib.soft_final_sparsity(
+            self.movement, self.pruning_schedule, self.sparsity_m_by_n, self.block_size
+        )
+        self.score_lr_multiplier = score_lr_multiplier
+        self.threshold = threshold
+        self.l1_coefficient = l1_coefficient
+        self.score_init = score_init
         self.update_masks = bool(update_masks)
         self._pruned: list[PrunableWeight] = []
         self._masks: list[keras.Variable] = []
         self._scores: list[keras.Variable] = []
-        self._previous: list[keras.Variable] = []
+        self._movement_ramp: keras.Variable | None = None
         if layer.built:
             self._check_fits(prunable_weights(layer))
 
@@ -290,7 +222,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             trainable=False,
             aggregation="only_first_replica",
         )
-        self._masks, self._scores, self._previous = [], [], []
+        self._masks = []
+        # Under JAX the optimizer (which applies the mask constraint) sees only trainable
+        # variables: masks ride the gradient there (see keras_lean._backend).
+        ride = self.movement is None and _backend.masks_ride_gradients()
         for w in weights:
             safe = w.name.replace("/", "_")
             mask = self.add_weight(
@@ -298,32 +233,17 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 shape=w.variable.shape,
                 dtype=w.variable.dtype,
                 initializer="ones",
-                trainable=False,
+                trainable=ride,
                 aggregation="only_first_replica",
             )
+            if ride:
+                mask.overwrite_with_gradient = True
             self._masks.append(mask)
-            w.variable.constraint = _MaskConstraint(mask, w.variable.constraint)
-            if self.criterion == "movement":
-                self._scores.append(
-                    self.add_weight(
-                        name=f"score_{safe}",
-                        shape=w.variable.shape,
-                        dtype="float32",
-                        initializer="zeros",
-                        trainable=False,
-                        aggregation="only_first_replica",
-                    )
-                )
-                self._previous.append(
-                    self.add_weight(
-                        name=f"previous_{safe}",
-                        shape=w.variable.shape,
-                        dtype="float32",
-                        initializer="zeros",
-                        trainable=False,
-                        aggregation="only_first_replica",
-                    )
-                )
+            if self.movement is None:
+                # Movement keeps pruned weights' dense values (they can regrow).
+                w.variable.constraint = _MaskConstraint(mask, w.variable.constraint)
+        if self.movement is not None:
+            self._scores, self._movement_ramp = movement_lib.add_score_variables(self, weights)
         self.built = True
 
     def get_build_config(self):
@@ -332,6 +252,31 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     def build_from_config(self, config):
         if config and not self.built:
             self.build(None)
+
+    def _file_order(self) -> list:
+        """Own variables in the order a .keras file holds them: TensorFlow's (trainable, then
+        non-trainable), also under JAX where masks are trainable, so files load across backends."""
+        masks = {id(m) for m in self._masks}
+        own = [v for v in own_variables(self) if id(v) not in masks]
+        trainable = [v for v in own if v.trainable]
+        rest = [v for v in own if not v.trainable]  # rest[0] is pruning_step
+        if not self._masks or not self._masks[0].trainable:
+            return own_variables(self)
+        return trainable + rest[:1] + list(self._masks) + rest[1:]
+
+    def save_own_variables(self, store):
+        for i, v in enumerate(self._file_order()):
+            store[f"{i}"] = v
+
+    def load_own_variables(self, store):
+        order = self._file_order()
+        if len(store.keys()) != len(order):
+            raise ValueError(
+                f"Layer {self.name!r} expected {len(order)} variables, but the file holds "
+                f"{len(store.keys())}. Expected: {[v.name for v in order]}"
+            )
+        for i, v in enumerate(order):
+            v.assign(store[f"{i}"])
 
     # ----------------------------------------------------------------------------- masks
     @property
@@ -345,14 +290,19 @@ class PruneLowMagnitude(keras.layers.Wrapper):
 
     @property
     def score_variables(self) -> list[keras.Variable]:
-        """Movement scores (empty for the magnitude criterion)."""
+        """Movement score variables (empty for magnitude); the scores are
+        `score_lr_multiplier` times their values (see `movement.movement_scores`)."""
         return list(self._scores)
 
-    def _mask_for(self, index: int, sparsity):
+    def _mask_for(self, index: int, sparsity, threshold=None):
         w = self._pruned[index]
-        value = ops.cast(w.variable.value, "float32")
-        movement = self.criterion == "movement"
-        scores = self._scores[index].value if movement else ops.abs(value)
+        movement = self.movement is not None
+        if movement:
+            scores = self._scores[index].value * self.movement.score_lr_multiplier
+            if threshold is not None:  # soft movement
+                return movement_lib.soft_mask(scores, threshold)
+        else:
+            scores = ops.abs(ops.cast(w.variable.value, "float32"))
         if self.sparsity_m_by_n is not None:
             m, n = self.sparsity_m_by_n
             if movement:  # rank within each group; shift so padding (-1) never wins
@@ -370,47 +320,71 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     def _train_update(self):
         step = self.pruning_step.value + 1
         self.pruning_step.assign(step)
-        if self.criterion == "movement":
-            from keras_lean.sparsity.movement import accumulate_scores
-
-            accumulate_scores(self, step)
         if not self.update_masks or self.pruning_schedule is None:
             return
         should_prune, sparsity = self.pruning_schedule(step)
+        # Soft movement also updates its ramp (threshold and L1 weight) at pruning steps.
+        state = self._masks + ([self._movement_ramp] if self._movement_ramp is not None else [])
 
         def recompute():
-            return [
-                ops.cast(self._mask_for(i, sparsity), m.dtype) for i, m in enumerate(self._masks)
+            threshold, extra = None, []
+            if self._movement_ramp is not None:
+                ramp = movement_lib.ramp_value(sparsity, self._soft_final)
+                # (the variable's dtype: mixed precision reads it as float16 in `keep`)
+                threshold = self.movement.threshold * ramp
+                extra = [ops.cast(ramp, self._movement_ramp.dtype)]
+            masks = [
+                ops.cast(self._mask_for(i, sparsity, threshold), m.dtype)
+                for i, m in enumerate(self._masks)
             ]
+            return masks + extra
 
         def keep():
-            return [ops.convert_to_tensor(m.value) for m in self._masks]
+            return [ops.convert_to_tensor(v.value) for v in state]
 
         # The new values are computed in the cond and assigned outside it: assignments to
         # distributed variables need the replica context, which a cond branch does not give.
-        new_masks = ops.cond(should_prune, recompute, keep)
-        for mask, value in zip(self._masks, new_masks, strict=True):
-            mask.assign(value)
+        new_values = ops.cond(should_prune, recompute, keep)
+        for variable, value in zip(state, new_values, strict=True):
+            variable.assign(value)
 
     # ----------------------------------------------------------------------------- call
     def call(self, inputs, *args, training=None, **kwargs):
+        ride = training and self.built and self._masks and self._masks[0].trainable
+        before = [m.value for m in self._masks] if ride else None
         if training and self.built:
             self._train_update()
-        mapping = [
-            (w.variable, w.variable.value * ops.cast(m.value, w.variable.dtype))
-            for w, m in zip(self._pruned, self._masks, strict=True)
-        ]
-        if getattr(self.layer, "_call_has_training_arg", False):
+        if self.movement is None:
+            masks = [m.value for m in self._masks]
+            if ride:  # the new masks reach the optimizer as the masks' gradients
+                masks = [_backend.carry_mask(b, m) for b, m in zip(before, masks, strict=True)]
+            mapping = [
+                (w.variable, w.variable.value * ops.cast(m, w.variable.dtype))
+                for w, m in zip(self._pruned, masks, strict=True)
+            ]
+        else:  # straight-through: the score gets the gradient the mask would have
+            mapping = [
+                (w.variable, movement_lib.straight_through(w.variable.value, m.value, s.value))
+                for w, m, s in zip(self._pruned, self._masks, self._scores, strict=True)
+            ]
+            if training and self._movement_ramp is not None:
+                self.add_loss(movement_lib.l1_penalty(self))
+        if call_has_training_arg(self.layer):
             kwargs["training"] = training
+        masked = {id(w.variable) for w in self._pruned}
+        if _backend.is_jax():
+            # JAX's train step is itself a StatelessScope, which this nested one hides: pass
+            # on the current values of the inner layer's other variables.
+            mapping += [(v, v.value) for v in self.layer.variables if id(v) not in masked]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            given = {id(v): scope.get_current_value(v) for v in self.layer.variables}
             outputs = self.layer(inputs, *args, **kwargs)
         # Carry over what the inner layer updated (e.g. dropout seed state) and its losses.
-        masked = {id(w.variable) for w in self._pruned}
         for v in self.layer.variables:
             if id(v) in masked:
                 continue
             new = scope.get_current_value(v)
-            if new is not None:
+            if new is not None and new is not given[id(v)]:
                 v.assign(new)
         for loss in scope.losses:
             self.add_loss(loss)
@@ -436,6 +410,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "sparsity_m_by_n": self.sparsity_m_by_n,
                 "criterion": self.criterion,
                 "update_masks": self.update_masks,
+                "score_lr_multiplier": self.score_lr_multiplier,
+                "threshold": self.threshold,
+                "l1_coefficient": self.l1_coefficient,
+                "score_init": self.score_init,
             }
         )
         return config

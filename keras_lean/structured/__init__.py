@@ -10,12 +10,20 @@ surviving weights, so every runtime (Keras, XLA, TFLite) runs fewer FLOPs.
 - `structure_report(original, pruned)`: widths, parameters and FLOPs before and after.
 - `flatten_model(model)`: inlines nested models called once (both prune functions do this first),
   so a backbone used as a layer or a keras-hub task is pruned through.
+- `prune_structured_progressively(model, ratio, x, y, epochs=...)`: trains in segments and
+  physically removes the channels at each pruning event (optimizer state sliced along,
+  `optimizer_state.py`), so every later step is cheaper.
 - `round_to="auto"`: surviving widths rounded to this CPU's vector lanes (`simd_lanes`).
+- `register_channel_rule(layer_class, rule)`: how a custom layer moves and is narrowed
+  (`ChannelRule`); the built-in layers are registered the same way (`rules.py`,
+  docs/extending.md).
 
 In a gradual model the masks are exact: the masked model computes what the shrunk one will
 (LayerNormalization is replaced by `MaskedLayerNormalization`, whose statistics skip the masked
 channels; attention heads are masked inside `MaskedMultiHeadAttention`).
 """
+
+import importlib.util
 
 from keras_lean.structured.api import (
     LayerStructure,
@@ -35,27 +43,52 @@ from keras_lean.structured.masks import (
     MaskedMultiHeadAttention,
     keep_count,
 )
+from keras_lean.structured.optimizer_state import carry_optimizer_state, trace_weight_slices
+from keras_lean.structured.progressive import ProgressiveReport, prune_structured_progressively
+from keras_lean.structured.rules import (
+    ChannelRule,
+    PassThrough,
+    Producer,
+    UnsupportedLayer,
+    get_channel_rule,
+    register_channel_rule,
+)
 from keras_lean.structured.surgery import flatten_model
+
+if importlib.util.find_spec("keras_hub") is not None:
+    # registers PrunedTransformerEncoder / PrunedTransformerDecoder, so pruned keras-hub models
+    # load from .keras with no custom_objects
+    from keras_lean.structured import hub_layers  # noqa: F401
 
 __all__ = [
     "IMPORTANCE_CRITERIA",
     "ChannelGroup",
     "ChannelMask",
+    "ChannelRule",
     "DependencyGraph",
     "LayerStructure",
     "MaskedLayerNormalization",
     "MaskedMultiHeadAttention",
+    "PassThrough",
+    "Producer",
+    "ProgressiveReport",
     "SkippedLayer",
     "StructureReport",
+    "UnsupportedLayer",
     "build_graph",
+    "carry_optimizer_state",
     "flatten_model",
+    "get_channel_rule",
     "keep_count",
     "prune_structured",
     "prune_structured_gradually",
+    "prune_structured_progressively",
+    "register_channel_rule",
     "resolve_round_to",
     "select_units",
     "shrink",
     "simd_lanes",
     "structure_report",
+    "trace_weight_slices",
     "unit_scores",
 ]

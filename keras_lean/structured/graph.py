@@ -14,6 +14,10 @@ width) is described by an integer array: the identity of the channel at each pos
   position by position (union-find): the same channels go from every branch.
 - Consumers record which identity sits on each input row of their kernels.
 
+The graph itself knows no layer type: each layer's `ChannelRule` (`rules.py`, looked up by class,
+built-ins and user layers alike) says how its call moves identities and which weight axes carry
+them, through a `CallContext`.
+
 A *unit* is a union-find class of identities (one channel, removable as a whole); a *group* is a
 set of units connected through unions (a residual stream, or one layer's outputs). Pruning removes
 units; every weight axis that carries identities (kernel rows and columns, biases, BatchNorm and
@@ -22,73 +26,38 @@ LayerNorm vectors, depthwise kernels, attention heads) is sliced accordingly.
 Model inputs and outputs, excluded layers, and every tensor that touches a layer the graph does not
 know are *blocked*: their units are never removed, and `skipped` says which layer and why.
 
-Some groups live entirely inside one layer: the feed-forward neurons of a keras-hub
-`TransformerEncoder` (`inner`). They couple with nothing outside the layer; surgery rebuilds the
-layer from its config with a smaller `intermediate_dim`. Its hidden width and heads stay (keras-hub
-derives the attention key_dim from them), and gradual masks cannot reach inside a layer, so
-`build_graph(..., inner_groups=False)` (what the gradual path uses) blocks these groups too.
+Some groups live entirely inside one layer: the feed-forward neurons (`inner`) and the attention
+heads (`heads`) of a keras-hub `TransformerEncoder` / `TransformerDecoder`. They couple with
+nothing outside the layer; surgery rebuilds the layer from its config with a smaller
+`intermediate_dim` and, when heads go, as `hub_layers.Pruned*` with fewer `num_heads` of the same
+`head_dim` (keras-hub alone would derive key_dim = hidden_dim // num_heads). Its hidden width
+stays, and gradual masks cannot reach inside a layer, so `build_graph(..., inner_groups=False)`
+(what the gradual path uses) blocks these groups too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_lean._hub import FFN_INTERMEDIATE, FFN_OUTPUT, is_transformer_encoder
+from keras_lean._keras_internals import LayerCall, graph_inputs, graph_outputs, model_calls
+from keras_lean.structured.rules import UnsupportedLayer, get_channel_rule
 
-__all__ = ["ChannelGroup", "DependencyGraph", "SkippedLayer", "WeightSlice", "build_graph"]
-
-L = keras.layers
-
-# Layers whose output channels are their input channels, position by position.
-_PASS_THROUGH = (
-    L.Activation,
-    L.ReLU,
-    L.LeakyReLU,
-    L.ELU,
-    L.Dropout,
-    L.SpatialDropout1D,
-    L.SpatialDropout2D,
-    L.SpatialDropout3D,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.AlphaDropout,
-    L.ActivityRegularization,
-    L.Identity,
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.MaxPooling3D,
-    L.AveragePooling1D,
-    L.AveragePooling2D,
-    L.AveragePooling3D,
-    L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D,
-    L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.GlobalMaxPooling3D,
-    L.ZeroPadding1D,
-    L.ZeroPadding2D,
-    L.ZeroPadding3D,
-    L.Cropping1D,
-    L.Cropping2D,
-    L.Cropping3D,
-    L.UpSampling1D,
-    L.UpSampling2D,
-    L.UpSampling3D,
-)
-_MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-_CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
-_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
-_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
-_TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-# Activations that mix channels: removing one channel changes the others.
-_CROSS_CHANNEL_ACTIVATIONS = ("softmax", "log_softmax")
+__all__ = [
+    "CallContext",
+    "ChannelGroup",
+    "DependencyGraph",
+    "SkippedLayer",
+    "WeightSlice",
+    "build_graph",
+    "graph_inputs",
+    "graph_outputs",
+    "model_calls",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,66 +147,6 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-@dataclasses.dataclass
-class _Call:
-    layer: Any
-    node: Any
-    inputs: list  # KerasTensors
-    outputs: list
-
-
-def model_calls(model: keras.Model) -> list:
-    """The layer calls of a built Sequential or functional model, in execution order.
-
-    Raises:
-        ValueError: for subclassed or unbuilt models.
-    """
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Expected a Keras 3 Sequential or functional model. Received: {type(model).__name__}"
-        )
-    fn = model
-    if isinstance(model, keras.Sequential):
-        fn = getattr(model, "_functional", None)
-        if fn is None:
-            raise ValueError(
-                f"The Sequential model {model.name!r} is not built: start it with keras.Input(...) "
-                "so the graph has known shapes."
-            )
-    by_depth = getattr(fn, "_nodes_by_depth", None)
-    if by_depth is None:
-        raise ValueError(
-            "Structured pruning needs a Sequential or functional model (a graph of layers). "
-            f"Received: a subclassed model of type {type(model).__name__}; rebuild it with the "
-            "functional API."
-        )
-    calls = []
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            if node.operation is None or node.is_input:
-                continue
-            calls.append(_Call(node.operation, node, list(node.input_tensors), list(node.outputs)))
-    return calls
-
-
-def graph_inputs(model: keras.Model) -> list:
-    return list(model._functional.inputs if isinstance(model, keras.Sequential) else model.inputs)
-
-
-def graph_outputs(model: keras.Model) -> list:
-    fn = model._functional if isinstance(model, keras.Sequential) else model
-    return list(keras.tree.flatten(fn.outputs))
-
-
-def _mha_args(node: Any) -> tuple:
-    args = list(node.arguments.args)
-    kwargs = node.arguments.kwargs
-    query = args[0] if args else kwargs.get("query")
-    value = args[1] if len(args) > 1 else kwargs.get("value")
-    key = args[2] if len(args) > 2 else kwargs.get("key")
-    return query, value, key if key is not None else value
-
-
 class DependencyGraph:
     """Coupled channel groups of a built Keras model.
 
@@ -249,9 +158,12 @@ class DependencyGraph:
         skipped: tuple of `SkippedLayer`, the layers whose channels are left alone.
         slices: per layer name, the `WeightSlice`s of its weights.
         layer_ids: per layer name, `(input id arrays, output id array or None)` of its first call.
-        heads: per MultiHeadAttention layer name, the id array of its heads.
-        inner: per keras-hub TransformerEncoder name, the id array of its feed-forward neurons.
+        heads: per MultiHeadAttention layer (or keras-hub transformer block) name, the id array
+            of its heads.
+        inner: per keras-hub transformer block name, the id array of its feed-forward neurons.
         reshape_mode: per supported Reshape layer, `flat` or `last` (how surgery rewrites it).
+        rules: per traced layer name, the `ChannelRule` that traced it (surgery resizes with it).
+        layer_info: per traced layer name, what its rule `remember`ed (and `heads` / `inner`).
         roots: `roots[i]` is the unit (union-find root) of channel identity `i`.
         group_of_unit: unit root -> index of its group in `groups`.
     """
@@ -268,10 +180,19 @@ class DependencyGraph:
         self.slices: dict[str, list[WeightSlice]] = {}
         self.layer_ids: dict[str, tuple[list, np.ndarray | None]] = {}
         self.heads: dict[str, np.ndarray] = {}
-        self.reshape_mode: dict[str, str] = {}
+        self.rules: dict[str, Any] = {}
+        self.layer_info: dict[str, dict] = {}
         self._skipped: dict[str, str] = {}
         self._trace()
         self._finish()
+
+    @property
+    def reshape_mode(self) -> dict[str, str]:
+        return {
+            name: info["reshape_mode"]
+            for name, info in self.layer_info.items()
+            if "reshape_mode" in info
+        }
 
     # -- tracing -----------------------------------------------------------------------------
 
@@ -318,7 +239,7 @@ class DependencyGraph:
 
     def _trace(self) -> None:
         model = self.model
-        calls = model_calls(model)  # validates the model first
+        calls = model_calls(model, "Structured pruning")  # validates the model first
         for t in graph_inputs(model):
             ids = self._fresh_for(t, "input")
             self._block(ids, "model input")
@@ -328,7 +249,7 @@ class DependencyGraph:
         for t in graph_outputs(model):
             self._block(self._ids.get(id(t)), "model output")
 
-    def _visit(self, call: _Call) -> None:
+    def _visit(self, call: LayerCall) -> None:
         layer = call.layer
         name = layer.name
         ins = [self._ids.get(id(t)) for t in call.inputs]
@@ -354,13 +275,13 @@ class DependencyGraph:
                 call.outputs,
             )
             out = self._ids.get(id(call.outputs[0]))
-        elif not isinstance(layer, L.Layer):
+        elif not isinstance(layer, keras.layers.Layer):
             self._skip(name, f"operation {type(layer).__name__} is not a layer", ins, call.outputs)
             out = self._ids.get(id(call.outputs[0]))
         else:
             try:
                 out = self._visit_layer(layer, call, ins)
-            except _Unsupported as e:
+            except UnsupportedLayer as e:
                 self._skip(name, str(e), ins, call.outputs)
                 out = self._ids.get(id(call.outputs[0]))
             else:
@@ -370,182 +291,19 @@ class DependencyGraph:
                     self._ids[id(t)] = None
         self.layer_ids[name] = (ins, out)
 
-    def _visit_layer(self, layer: Any, call: _Call, ins: list) -> np.ndarray | None:
-        x = ins[0] if ins else None
-        in_shape = tuple(call.inputs[0].shape) if call.inputs else ()
-        name = layer.name
+    def _visit_layer(self, layer: Any, call: LayerCall, ins: list) -> np.ndarray | None:
         if getattr(layer, "data_format", "channels_last") != "channels_last":
-            raise _Unsupported("data_format='channels_first' is not supported")
-        if isinstance(layer, L.MultiHeadAttention):
-            return self._visit_mha(layer, call)
-        if is_transformer_encoder(layer):
-            return self._visit_hub_encoder(layer, x)
-        if isinstance(layer, L.EinsumDense) or isinstance(layer, _TRANSPOSE):
-            raise _Unsupported(f"{type(layer).__name__} is not supported by the dependency graph")
-        if isinstance(layer, L.Dense):
-            if getattr(layer, "lora_rank", None):
-                raise _Unsupported("LoRA-enabled Dense layers are not supported")
-            self._need(x, layer)
-            out = self._fresh(layer.units, f"{name}:units")
-            self._add_slice(layer, "kernel", 0, x, "kernel")
-            self._add_slice(layer, "kernel", 1, out, "kernel")
-            if layer.use_bias:
-                self._add_slice(layer, "bias", 0, out, "bias")
-            return out
-        if isinstance(layer, _SEPARABLE):
-            self._need(x, layer)
-            m = layer.depth_multiplier
-            out = self._fresh(layer.filters, f"{name}:filters")
-            self._add_slice(layer, "depthwise_kernel", -2, x, "kernel")
-            self._add_slice(layer, "pointwise_kernel", -2, np.repeat(x, m), "kernel")
-            self._add_slice(layer, "pointwise_kernel", -1, out, "kernel")
-            if layer.use_bias:
-                self._add_slice(layer, "bias", 0, out, "bias")
-            return out
-        if isinstance(layer, _DEPTHWISE):
-            self._need(x, layer)
-            out = np.repeat(x, layer.depth_multiplier)
-            self._add_slice(layer, "kernel", -2, x, "kernel")
-            if layer.use_bias:
-                self._add_slice(layer, "bias", 0, out, "bias")
-            return out
-        if isinstance(layer, _CONV):
-            self._need(x, layer)
-            if layer.groups != 1:
-                raise _Unsupported(f"grouped convolution (groups={layer.groups}) is not supported")
-            out = self._fresh(layer.filters, f"{name}:filters")
-            self._add_slice(layer, "kernel", -2, x, "kernel")
-            self._add_slice(layer, "kernel", -1, out, "kernel")
-            if layer.use_bias:
-                self._add_slice(layer, "bias", 0, out, "bias")
-            return out
-        if isinstance(layer, L.BatchNormalization):
-            self._need(x, layer)
-            if layer.axis not in (-1, len(in_shape) - 1):
-                raise _Unsupported(f"BatchNormalization over axis {layer.axis} (not the channels)")
-            for w in layer.weights:
-                short = w.path.rsplit("/", 1)[-1]
-                kind = short if short in ("gamma", "beta") else "stat"
-                self._add_slice(layer, short, 0, x, kind)
-            return x
-        if isinstance(layer, L.LayerNormalization):
-            self._need(x, layer)
-            axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
-            if [a % len(in_shape) for a in axes] != [len(in_shape) - 1]:
-                raise _Unsupported(f"LayerNormalization over axes {layer.axis} (not the last)")
-            for w in layer.weights:
-                short = w.path.rsplit("/", 1)[-1]
-                self._add_slice(layer, short, 0, x, short)
-            return x
-        if isinstance(layer, L.Embedding):
-            out = self._fresh(layer.output_dim, f"{name}:output_dim")
-            self._add_slice(layer, "embeddings", 1, out, "kernel")
-            return out
-        if isinstance(layer, L.Activation):
-            act = getattr(layer.activation, "__name__", str(layer.activation))
-            if act in _CROSS_CHANNEL_ACTIVATIONS:
-                raise _Unsupported(f"activation {act!r} mixes channels")
-            return x
-        if isinstance(layer, L.Softmax):
-            raise _Unsupported("Softmax mixes channels")
-        if isinstance(layer, _PASS_THROUGH) or isinstance(layer, L.InputLayer):
-            return x
-        if isinstance(layer, _MERGE):
-            lengths = {len(a) for a in ins if a is not None}
-            if len(lengths) > 1 or any(a is None for a in ins):
-                raise _Unsupported("merge of tensors with different channel counts (broadcast)")
-            return self._unite(ins)
-        if isinstance(layer, L.Concatenate):
-            rank = len(in_shape)
-            if any(a is None for a in ins):
-                raise _Unsupported("concatenation of tensors without channels")
-            if layer.axis in (-1, rank - 1):
-                return np.concatenate(ins)
-            return self._unite(ins)
-        if isinstance(layer, L.Flatten):
-            self._need(x, layer)
-            spatial = in_shape[1:-1]
-            if any(d is None for d in spatial):
-                raise _Unsupported("Flatten of a tensor with unknown spatial size")
-            return np.tile(x, math.prod(spatial))
-        if isinstance(layer, L.Reshape):
-            self._need(x, layer)
-            return self._visit_reshape(layer, in_shape, x)
-        raise _Unsupported(
-            f"layer type {type(layer).__name__} is not known to the dependency graph"
-        )
-
-    def _need(self, x: Any, layer: Any) -> None:
-        if x is None:
-            raise _Unsupported(f"{type(layer).__name__} input has no channel axis the graph tracks")
-
-    def _visit_reshape(self, layer: Any, in_shape: tuple, x: np.ndarray) -> np.ndarray:
-        target = tuple(layer.target_shape)
-        spatial = in_shape[1:-1]
-        if any(d is None for d in spatial):
-            raise _Unsupported("Reshape of a tensor with unknown spatial size")
-        if len(target) == 1:
-            self.reshape_mode[layer.name] = "flat"
-            return np.tile(x, math.prod(spatial))
-        known = [d for d in target[:-1] if d != -1]
-        if target[-1] == len(x) and (-1 in target[:-1] or math.prod(known) == math.prod(spatial)):
-            self.reshape_mode[layer.name] = "last"
-            return x
-        raise _Unsupported(
-            f"Reshape to {target} moves channels off the last axis (only flattening or keeping "
-            "the channel axis last is supported)"
-        )
-
-    def _visit_mha(self, layer: Any, call: _Call) -> np.ndarray | None:
-        if getattr(layer, "_use_gate", False):
-            raise _Unsupported("MultiHeadAttention with use_gate=True is not supported")
-        q, v, k = (self._ids.get(id(t)) if t is not None else None for t in _mha_args(call.node))
-        if q is None or v is None or k is None:
-            raise _Unsupported("MultiHeadAttention input has no channel axis")
-        name = layer.name
-        heads = self._fresh(layer.num_heads, f"{name}:heads")
-        self.heads[name] = heads
-        for part, ids in (("query", q), ("key", k), ("value", v)):
-            self._add_slice(layer, f"{part}/kernel", 0, ids, "kernel")
-            self._add_slice(layer, f"{part}/kernel", 1, heads, "kernel")
-            if layer.use_bias:
-                self._add_slice(layer, f"{part}/bias", 0, heads, "bias")
-        self._add_slice(layer, "attention_output/kernel", 0, heads, "kernel")
-        out_shape = layer._output_shape
-        if out_shape is None:
-            out = q  # the output width is the query width: the same channels
-        elif isinstance(out_shape, int) or len(tuple(out_shape)) == 1:
-            width = out_shape if isinstance(out_shape, int) else tuple(out_shape)[0]
-            out = self._fresh(int(width), f"{name}:output_shape")
-        else:
-            out = self._fresh(int(layer._output_dense.kernel.shape[-1]), f"{name}:out")
-            self._block(out, f"{name}: multi-dimensional output_shape is not pruned")
-            self._skipped.setdefault(name, "multi-dimensional output_shape: output width kept")
-        self._add_slice(layer, "attention_output/kernel", -1, out, "kernel")
-        if layer.use_bias:
-            self._add_slice(layer, "attention_output/bias", 0, out, "bias")
-        return out
-
-    def _visit_hub_encoder(self, layer: Any, x: np.ndarray | None) -> np.ndarray | None:
-        self._need(x, layer)
-        name = layer.name
-        kept = "hidden width and heads kept (keras-hub derives key_dim = hidden_dim // num_heads)"
-        self._block(x, f"{name}: {kept}")
-        inner = self._fresh(int(layer.intermediate_dim), f"{name}:intermediate")
-        self.inner[name] = inner
-        self._add_slice(layer, f"{FFN_INTERMEDIATE}/kernel", 1, inner, "kernel")
-        self._add_slice(layer, f"{FFN_INTERMEDIATE}/bias", 0, inner, "bias")
-        self._add_slice(layer, f"{FFN_OUTPUT}/kernel", 0, inner, "kernel")
-        if self._inner_groups:
-            self._skipped.setdefault(name, f"{kept}; feed-forward neurons are pruned")
-        else:
-            reason = (
-                "feed-forward neurons inside a keras-hub TransformerEncoder are pruned one-shot "
-                "only (prune_structured): gradual masks cannot reach inside the layer"
+            raise UnsupportedLayer("data_format='channels_first' is not supported")
+        rule = get_channel_rule(layer)
+        if rule is None:
+            raise UnsupportedLayer(
+                f"layer type {type(layer).__name__} is not known to the dependency graph"
             )
-            self._block(inner, f"{name}: {reason}")
-            self._skipped.setdefault(name, f"{kept}; {reason}")
-        return x  # residual: the output carries the input's channels
+        ctx = CallContext(self, layer, call, ins)
+        out = rule.trace(layer, ctx)
+        ctx._commit()
+        self.rules[layer.name] = rule
+        return out
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -615,8 +373,102 @@ class DependencyGraph:
         return ~np.isin(self.roots[ids], np.fromiter(pruned, dtype=np.int64))
 
 
-class _Unsupported(Exception):
-    """Raised inside the tracer for a layer whose channels cannot be followed."""
+class CallContext:
+    """What a `ChannelRule` sees while tracing one layer call (see `rules.py` for the API).
+
+    Everything the rule records is kept only when `trace` returns: a rule that raises
+    `UnsupportedLayer` halfway leaves the graph as it was (apart from unused fresh identities).
+    """
+
+    def __init__(self, graph: DependencyGraph, layer: Any, call: LayerCall, ins: list):
+        self._graph = graph
+        self._layer = layer
+        self._call = call
+        self.inputs: list = list(ins)
+        self.inner_groups: bool = graph._inner_groups
+        self._slices: list[tuple] = []
+        self._unions: list[list] = []
+        self._blocks: list[tuple] = []
+        self._notes: list[str] = []
+        self._info: dict[str, Any] = {}
+
+    @property
+    def x(self) -> np.ndarray | None:
+        """The identities of the first input's channels (None without a channel axis)."""
+        return self.inputs[0] if self.inputs else None
+
+    def input_shape(self, index: int = 0) -> tuple:
+        """The static shape of input tensor `index` (batch axis included)."""
+        inputs = self._call.inputs
+        return tuple(inputs[index].shape) if index < len(inputs) else ()
+
+    def need_input(self) -> np.ndarray:
+        """`x`, or `UnsupportedLayer` when the first input has no tracked channel axis."""
+        if self.x is None:
+            raise UnsupportedLayer(
+                f"{type(self._layer).__name__} input has no channel axis the graph tracks"
+            )
+        return self.x
+
+    def argument(self, index: int, name: str) -> Any:
+        """The tensor passed as positional argument `index` or keyword `name`, or None."""
+        args, kwargs = self._call.arguments()
+        return args[index] if len(args) > index else kwargs.get(name)
+
+    def ids_of(self, tensor: Any) -> np.ndarray | None:
+        """The identities of a tensor's channels (None for None or an untracked tensor)."""
+        return None if tensor is None else self._graph._ids.get(id(tensor))
+
+    def produce(self, n: int, role: str, *, heads: bool = False, inner: bool = False):
+        """`n` new channel identities owned by this layer (`"<layer>:<role>"` in reports).
+
+        `heads=True`: they are attention heads (the group's kind is `heads`); `inner=True`: a
+        group inside the layer that gradual masks cannot reach (`inner_groups`).
+        """
+        ids = self._graph._fresh(int(n), f"{self._layer.name}:{role}")
+        if heads:
+            self._info["heads"] = ids
+        if inner:
+            self._info["inner"] = ids
+        return ids
+
+    def slice(self, weight: str, axis: int, ids: np.ndarray, kind: str = "kernel") -> None:
+        """Axis `axis` of the layer's weight `weight` carries the identities `ids`."""
+        self._slices.append((weight, axis, ids, kind))
+
+    def unite(self, arrays: list) -> np.ndarray | None:
+        """The arrays carry the same channels, position by position; returns the first."""
+        self._unions.append(list(arrays))
+        present = [a for a in arrays if a is not None]
+        return present[0] if present else None
+
+    def block(self, ids: np.ndarray | None, reason: str) -> None:
+        """These channels are never removed (`reason` says why in the group)."""
+        self._blocks.append((ids, reason))
+
+    def note(self, reason: str) -> None:
+        """Lists the layer in `skipped` with `reason` without blocking its channels."""
+        self._notes.append(reason)
+
+    def remember(self, key: str, value: Any) -> None:
+        """Keeps `value` for the rule's `resize` (as `ctx.info[key]`)."""
+        self._info[key] = value
+
+    def _commit(self) -> None:
+        graph, layer = self._graph, self._layer
+        for weight, axis, ids, kind in self._slices:
+            graph._add_slice(layer, weight, axis, ids, kind)
+        for arrays in self._unions:
+            graph._unite(arrays)
+        for ids, reason in self._blocks:
+            graph._block(ids, reason)
+        for reason in self._notes:
+            graph._skipped.setdefault(layer.name, reason)
+        if "heads" in self._info:
+            graph.heads[layer.name] = self._info["heads"]
+        if "inner" in self._info:
+            graph.inner[layer.name] = self._info["inner"]
+        graph.layer_info[layer.name] = dict(self._info)
 
 
 def build_graph(
@@ -627,7 +479,7 @@ def build_graph(
     Args:
         model: a built Keras 3 model.
         exclude: layer name patterns (fnmatch, e.g. `"head*"`) whose widths are kept.
-        inner_groups: whether groups inside one layer (a keras-hub TransformerEncoder's
+        inner_groups: whether groups inside one layer (a keras-hub transformer block's heads and
             feed-forward neurons) may be pruned; False blocks them (gradual masking).
 
     Returns:

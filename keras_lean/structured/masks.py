@@ -101,14 +101,14 @@ class _GroupMaskMixin:
         )
 
     def _update_mask(self):
-        should_prune, sparsity = self.pruning_schedule(self.pruning_step)
+        should_prune, sparsity = self.pruning_schedule(self.pruning_step.value)
         sparsity = ops.cast(sparsity, "float32") * ops.convert_to_tensor(self.scales, "float32")
         keep = _keep_count_ops(
             ops.convert_to_tensor(self.sizes, "float32"), sparsity, self.round_to, self.min_channels
         )
         ranks = ops.convert_to_tensor(self.ranks, "float32")
         new_mask = ops.cast(ops.less(ranks, keep), "float32")
-        self.mask.assign(ops.where(should_prune, new_mask, self.mask))
+        self.mask.assign(ops.where(should_prune, new_mask, self.mask.value))
         self.pruning_step.assign_add(ops.cast(1, "int64"))
 
     def _mask_config(self) -> dict:

@@ -2,8 +2,9 @@
 
 `rebuild(model, graph, pruned)` creates, for every layer, a fresh layer from its config with the
 new widths (`units`, `filters`, `output_dim`, `num_heads`, `intermediate_dim`, Reshape's
-`target_shape`), calls it on the rebuilt graph (so it is built with the new input shapes), and
-copies the surviving slices of every weight. Nothing of the caller's model is shared or changed.
+`target_shape`; a rule's `rebuilt_class` may name another class), calls it on the rebuilt graph
+(so it is built with the new input shapes), and copies the surviving slices of every weight.
+Nothing of the caller's model is shared or changed.
 
 `replay(model, make_layer, after)` is the generic part, also used to insert and remove the
 gradual-pruning mask layers. `flatten_model(model)` inlines nested models (a backbone called as a
@@ -19,26 +20,32 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lean.structured.graph import (
-    DependencyGraph,
+from keras_lean._keras_internals import (
+    functional_graph,
     graph_inputs,
     graph_outputs,
+    inputs_struct,
+    keras_history,
     model_calls,
+    nodes_by_depth,
+    outputs_struct,
 )
+from keras_lean.structured.graph import DependencyGraph
 from keras_lean.structured.importance import layer_weight
 
 __all__ = ["clone_layer", "flatten_model", "has_nested_models", "rebuild", "replay"]
 
 
-def clone_layer(layer: Any, config: dict | None = None) -> Any:
-    """A fresh, unbuilt layer of the same class from `config` (default: the layer's own)."""
+def clone_layer(layer: Any, config: dict | None = None, cls: type | None = None) -> Any:
+    """A fresh, unbuilt layer of the same class (or `cls`) from `config` (default: the layer's
+    own)."""
     if isinstance(layer, keras.Model):
         return keras.models.clone_model(layer)
     if not isinstance(layer, keras.layers.Layer):
         return layer  # a stateless keras.ops operation in a functional graph (x * 2.0, ...)
     cfg = dict(layer.get_config() if config is None else config)
     try:
-        return type(layer).from_config(cfg)
+        return (cls or type(layer)).from_config(cfg)
     except Exception as e:  # a user layer whose from_config cannot read its get_config
         raise ValueError(
             f"Cannot rebuild layer {layer.name!r} ({type(layer).__name__}) from its config: {e}"
@@ -46,8 +53,8 @@ def clone_layer(layer: Any, config: dict | None = None) -> Any:
 
 
 def _input_name(tensor: Any) -> str:
-    history = getattr(tensor, "_keras_history", None)
-    return history.operation.name if history is not None else tensor.name
+    history = keras_history(tensor)
+    return history[0].name if history is not None else tensor.name
 
 
 def _fresh_inputs(model: keras.Model) -> dict[int, Any]:
@@ -66,8 +73,8 @@ def _rewired(model: keras.Model, tensors: dict[int, Any], name: str | None = Non
     def remap(t):
         return tensors[id(t)]
 
-    outs = keras.tree.map_structure(remap, getattr(model, "_outputs_struct", model.outputs))
-    ins = keras.tree.map_structure(remap, getattr(model, "_inputs_struct", model.inputs))
+    outs = keras.tree.map_structure(remap, outputs_struct(model))
+    ins = keras.tree.map_structure(remap, inputs_struct(model))
     return keras.Model(ins, outs, name=name or model.name)
 
 
@@ -112,7 +119,7 @@ def replay(
 
     tensors = _fresh_inputs(model)
     for call in model_calls(model):
-        args, kwargs = call.node.arguments.fill_in(tensors)
+        args, kwargs = call.fill_in(tensors)
         new = get(call.layer)
         if new is None:
             outputs = [args[0]]
@@ -133,9 +140,7 @@ def _inlinable(model: keras.Model) -> dict[int, int]:
     counts: dict[int, int] = {}
     for call in model_calls(model):
         layer = call.layer
-        if isinstance(layer, keras.Model) and getattr(
-            getattr(layer, "_functional", layer), "_nodes_by_depth", None
-        ):
+        if isinstance(layer, keras.Model) and nodes_by_depth(layer):
             counts[id(layer)] = counts.get(id(layer), 0) + 1
     return counts
 
@@ -192,7 +197,7 @@ def flatten_model(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
     def run(m: keras.Model, tensors: dict, owner: str | None) -> None:
         counts = _inlinable(m)
         for call in model_calls(m):
-            args, kwargs = call.node.arguments.fill_in(tensors)
+            args, kwargs = call.fill_in(tensors)
             layer = call.layer
             if counts.get(id(layer)) == 1:
                 inner = dict(
@@ -214,56 +219,43 @@ def flatten_model(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
     tensors = _fresh_inputs(model)
     run(model, tensors, None)
 
-    fn = model._functional if isinstance(model, keras.Sequential) else model
-    flat = _rewired(fn, tensors, name=model.name)
+    flat = _rewired(functional_graph(model), tensors, name=model.name)
     for old, new in pairs:
         if isinstance(old, keras.layers.Layer):
             new.set_weights(old.get_weights())
     return flat, tuple(dict.fromkeys(kept))
 
 
-def _count(mask: np.ndarray | None) -> int:
-    return int(mask.sum())
+class ResizeContext:
+    """What a `ChannelRule.resize` sees: the layer's traced identities and the pruned units.
+
+    Attributes:
+        inputs: the identity arrays of the layer's inputs (first call).
+        output: the identity array of its output (None without a channel axis).
+        info: what the rule `remember`ed while tracing (and `heads` / `inner`).
+    """
+
+    def __init__(self, graph: DependencyGraph, layer: Any, pruned: frozenset):
+        self._graph, self._pruned = graph, pruned
+        self.inputs, self.output = graph.layer_ids.get(layer.name, ([], None))
+        self.info = graph.layer_info.get(layer.name, {})
+
+    def keep_mask(self, ids: np.ndarray | None) -> np.ndarray | None:
+        """Which positions of `ids` survive."""
+        return self._graph.keep_mask(ids, self._pruned)
+
+    def kept(self, ids: np.ndarray | None) -> int:
+        """How many positions of `ids` survive (0 for None)."""
+        mask = self.keep_mask(ids)
+        return 0 if mask is None else int(mask.sum())
 
 
 def new_config(layer: Any, graph: DependencyGraph, pruned: frozenset) -> dict | None:
-    """The layer's config at its new width, or None when the layer is unchanged."""
-    cfg = layer.get_config()
-    name = layer.name
-    ins, out = graph.layer_ids.get(name, ([], None))
-    keep_out = graph.keep_mask(out, pruned)
-    L = keras.layers
-    if name in graph.heads:
-        cfg["num_heads"] = _count(graph.keep_mask(graph.heads[name], pruned))
-        if layer._output_shape is not None and isinstance(layer._output_shape, int):
-            cfg["output_shape"] = _count(keep_out)
-        elif layer._output_shape is not None and len(tuple(layer._output_shape)) == 1:
-            cfg["output_shape"] = (_count(keep_out),)
-        return cfg
-    if name in graph.inner:  # a keras-hub TransformerEncoder: only its feed-forward width changes
-        cfg["intermediate_dim"] = _count(graph.keep_mask(graph.inner[name], pruned))
-        return cfg
-    if name not in graph.slices and name not in graph.reshape_mode:
+    """The layer's config at its new width, or None when the layer is left as it is."""
+    rule = graph.rules.get(layer.name)
+    if rule is None:  # skipped, excluded, nested model or operation: rebuilt unchanged
         return None
-    if isinstance(layer, L.Embedding):
-        cfg["output_dim"] = _count(keep_out)
-    elif isinstance(layer, L.Dense):
-        cfg["units"] = _count(keep_out)
-    elif isinstance(layer, L.SeparableConv1D | L.SeparableConv2D):
-        cfg["filters"] = _count(keep_out)
-    elif isinstance(layer, L.DepthwiseConv1D | L.DepthwiseConv2D):
-        pass  # width follows the input
-    elif isinstance(layer, L.Conv1D | L.Conv2D | L.Conv3D):
-        cfg["filters"] = _count(keep_out)
-    elif isinstance(layer, L.Reshape):
-        x = ins[0]
-        kept = _count(graph.keep_mask(x, pruned))
-        target = tuple(layer.target_shape)
-        if graph.reshape_mode[name] == "flat":
-            cfg["target_shape"] = (target[0] // len(x) * kept,) if target[0] != -1 else (-1,)
-        else:
-            cfg["target_shape"] = target[:-1] + (kept,)
-    return cfg
+    return rule.resize(layer, layer.get_config(), ResizeContext(graph, layer, pruned))
 
 
 def sliced_weights(layer: Any, graph: DependencyGraph, pruned: frozenset) -> list[np.ndarray]:
@@ -298,7 +290,9 @@ def rebuild(model: keras.Model, graph: DependencyGraph, pruned: frozenset | set)
 
     def make(layer):
         cfg = new_config(layer, graph, pruned)
-        new = clone_layer(layer, cfg)
+        rule = graph.rules.get(layer.name)
+        cls = rule.rebuilt_class(layer, cfg) if cfg is not None else None
+        new = clone_layer(layer, cfg, cls)
         layers[layer.name] = (layer, new)
         return new
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import numpy as np
@@ -101,7 +102,18 @@ def test_sizes_see_the_zeros():
 
 
 def test_measure_latency():
-    assert measure_latency_ms(lambda x: x, np.zeros(3), runs=3) >= 0
+    # A function that takes 5 ms, except its first (warm-up) call and one slow timed call: the
+    # result is in milliseconds, skips the warm-up, and is the median (not the mean) of `runs`.
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.3 if len(calls) in (1, 3) else 0.005)
+
+    ms = measure_latency_ms(fn, np.zeros(3), runs=5)
+    assert len(calls) == 6  # one warm-up + 5 timed
+    assert 5.0 <= ms < 50.0  # a mean would be >= 64 ms; the warm-up alone is 300 ms
+    assert measure_latency_ms(lambda x: time.sleep(0.02), None, runs=3) >= 20.0
     with pytest.raises(ValueError, match="runs must be >= 1"):
         measure_latency_ms(lambda x: x, np.zeros(3), runs=0)
 

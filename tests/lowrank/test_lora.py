@@ -285,3 +285,68 @@ def test_lora_summary_counts(mlp):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lora_summary(mlp)["adapter_params"] == 0
+
+
+# ---------------------------------------------------------------- model shapes (issue 12)
+
+
+def _seq_built():
+    model = keras.Sequential([keras.layers.Dense(64), keras.layers.Dense(64)])
+    model.build((None, 64))
+    return model
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(64)]
+        ),
+        _seq_built,
+    ],
+    ids=["sequential_input", "sequential_build"],
+)
+def test_apply_and_merge_lora_on_a_sequential_model(build, randomize):
+    # Keras paths these layers "sequential/dense" but their copy rebuilt from config "dense":
+    # apply_lora used to fail with "the rebuilt model has no layer at that path".
+    model = build()
+    x = np.random.default_rng(0).normal(size=(3, 64)).astype("float32")
+    lora = apply_lora(model, rank=4)
+    assert isinstance(lora, keras.Sequential) and len(lora_layers(lora)) == 2
+    np.testing.assert_allclose(lora(x), model(x), atol=1e-6)
+    summary = lora_summary(lora)
+    assert [entry["path"] for entry in summary["layers"]] == [layer.name for layer in model.layers]
+    randomize(lora)
+    merged = merge_lora(lora)
+    assert isinstance(merged, keras.Sequential) and not lora_layers(merged)
+    np.testing.assert_allclose(merged(x), lora(x), rtol=1e-5, atol=1e-5)
+
+
+@keras.saving.register_keras_serializable(package="keras_lean_tests")
+class _Tower(keras.Model):
+    """A subclassed model Keras can rebuild (registered, with get_config): LoRA applies."""
+
+    def __init__(self, units=8, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(2, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def test_apply_lora_on_a_registered_subclassed_model(x_mlp, randomize):
+    model = _Tower()
+    model(x_mlp)
+    lora = apply_lora(model, rank=2, targets="hidden")
+    assert type(lora) is _Tower
+    assert [layer.name for layer in lora_layers(lora)] == ["hidden"]
+    np.testing.assert_allclose(lora(x_mlp), model(x_mlp), atol=1e-6)
+    randomize(lora)
+    merged = merge_lora(lora)
+    np.testing.assert_allclose(merged(x_mlp), lora(x_mlp), rtol=1e-5, atol=1e-5)
+    assert not lora_layers(model)  # the caller's model stays plain

@@ -176,10 +176,83 @@ def test_factorize_nested_model(x_mlp):
     inputs = keras.Input((12,))
     outputs = keras.layers.Dense(3, name="out")(inner(inputs))
     model = keras.Model(inputs, outputs)
+    inner.get_layer("wide").kernel.assign(_low_rank_kernel(12, 40, 2))
     new, report = factorize(model, rank=2, filters="wide")
     assert [e.path for e in report.factorized] == ["inner/wide"]
-    assert isinstance(new.get_layer("inner").get_layer("wide"), LowRankDense)
+    layer = new.get_layer("inner").get_layer("wide")
+    assert isinstance(layer, LowRankDense) and layer.rank == 2
     assert tuple(new(x_mlp).shape) == (5, 3)
+    # The factors hold the kernel's SVD (a rank-2 kernel: exactly), and the other layers' weights
+    # were copied, so the outputs are the original model's.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.kernel), inner.get_layer("wide").kernel.numpy(),
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+    np.testing.assert_array_equal(new.get_layer("out").kernel.numpy(),
+                                  model.get_layer("out").kernel.numpy())  # fmt: skip
+    np.testing.assert_allclose(new(x_mlp), model(x_mlp), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: keras.Sequential(
+            [
+                keras.Input((12,)),
+                keras.layers.Dense(40, name="wide"),
+                keras.layers.Dense(3, name="out"),
+            ]
+        ),  # fmt: skip
+        lambda: _built(
+            keras.Sequential(
+                [keras.layers.Dense(40, name="wide"), keras.layers.Dense(3, name="out")]
+            )
+        ),  # fmt: skip
+    ],
+    ids=["sequential_input", "sequential_build"],
+)
+def test_factorize_sequential_keeps_outputs(build, x_mlp):
+    model = build()
+    model.get_layer("wide").kernel.assign(_low_rank_kernel(12, 40, 2))
+    new, report = factorize(model, rank=2, filters="wide")
+    assert [e.path for e in report.factorized] == ["wide"]
+    assert isinstance(new, keras.Sequential)
+    np.testing.assert_allclose(new(x_mlp), model(x_mlp), rtol=1e-4, atol=1e-4)
+
+
+def _built(model):
+    model.build((None, 12))
+    return model
+
+
+def test_factorize_one_rank_skips_the_layers_it_does_not_fit(mlp, x_mlp):
+    # fc1 12x32, fc2 32x24, head 24x4: rank 5 is wider than the head, and saves nothing on a
+    # layer where 5 * (in + out) >= in * out.
+    new, report = factorize(mlp, rank=5)
+    assert [e.path for e in report.factorized] == ["fc1", "fc2"]
+    assert report.skipped == {
+        "head": "rank 5 is above min(in, out) = 4 of its 24x4 kernel",
+    }
+    assert report.to_dict()["skipped"] == report.skipped
+    assert type(new.get_layer("head")) is keras.layers.Dense
+    np.testing.assert_array_equal(new.get_layer("head").kernel.numpy(),
+                                  mlp.get_layer("head").kernel.numpy())  # fmt: skip
+    assert "left alone: rank 5 is above min(in, out) = 4" in str(report)
+
+    _, report = factorize(mlp, rank=11)  # fits fc1 (12x32) by width but saves nothing there
+    assert [e.path for e in report.factorized] == ["fc2"]
+    assert report.skipped["fc1"] == "rank 11 saves nothing: 11*(12+32) >= 12*32"
+    assert set(report.skipped) == {"fc1", "head"}
+
+
+def test_factorize_leaves_a_lora_layer_alone_without_error(mlp):
+    # A candidate left alone for a reason other than the rank does not make the rank an error:
+    # the report says why it was skipped.
+    from keras_lean.lowrank import apply_lora
+
+    lora = apply_lora(mlp, rank=2, targets="fc1")
+    _, report = factorize(lora, rank=2, filters="fc1")
+    assert report.skipped == {"fc1": "LoRA is enabled on it (merge_lora first)"}
 
 
 def test_factorized_model_round_trips_and_trains(cnn, x_cnn, tmp_path, digits):
@@ -213,10 +286,14 @@ def test_factorization_report_to_dict_and_str(mlp):
         ({"rank": -1}, r"Received: rank=-1"),
         ({"energy": 0.0}, r"`energy` must be in \(0, 1\]. Received: energy=0.0"),
         ({"energy": 1.5}, r"Received: energy=1.5"),
-        ({"rank": 5}, r"\[1, 4\] for layer 'head' \(kernel 24x4\). Received: rank=5"),
+        (
+            {"rank": 20},
+            r"`rank` fits no layer: at rank 20 .*\(fc1 12x32, fc2 32x24, head 24x4\); the largest "
+            r"rank that saves parameters on some layer is 13.*Received: rank=20",
+        ),
         ({"filters": "fc[("}, r"invalid regular expression"),
     ],
-    ids=["rank0", "rank_negative", "energy0", "energy_above_1", "rank_above_min", "bad_regex"],
+    ids=["rank0", "rank_negative", "energy0", "energy_above_1", "rank_fits_no_layer", "bad_regex"],
 )
 def test_factorize_rejects_bad_args(mlp, kwargs, match):
     with pytest.raises(ValueError, match=match):

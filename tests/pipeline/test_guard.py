@@ -31,14 +31,14 @@ def test_off_by_default_and_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "guard, match",
     [
-        ({"stages": [0.5, 0.3]}, r"recipe\.guard\.stages must be strictly increasing"),
-        ({"stages": [0.3, 0.3]}, r"recipe\.guard\.stages must be strictly increasing"),
-        ({"stages": [0.0, 0.5]}, r"recipe\.guard\.stages entries must be in \(0, 1\)"),
-        ({"stages": [0.5, 1.0]}, r"recipe\.guard\.stages entries must be in \(0, 1\)"),
-        ({"stages": 0.5}, r"recipe\.guard\.stages must be a list"),
-        ({"stages": ["a"]}, r"recipe\.guard\.stages must be a float"),
-        ({"stages": [0.5], "epochs_per_stage": 0}, r"recipe\.guard\.epochs_per_stage must be"),
-        ({"stagse": [0.5]}, r"Unknown key recipe\.guard\.stagse"),
+        ({"stages": [0.5, 0.3]}, r"guard\.stages: must be strictly increasing"),
+        ({"stages": [0.3, 0.3]}, r"guard\.stages: must be strictly increasing"),
+        ({"stages": [0.0, 0.5]}, r"guard\.stages\[0\]: must be in \(0, 1\)"),
+        ({"stages": [0.5, 1.0]}, r"guard\.stages\[1\]: must be in \(0, 1\)"),
+        ({"stages": 0.5}, r"guard\.stages: must be a list"),
+        ({"stages": ["a"]}, r"guard\.stages\[0\]: must be a number"),
+        ({"stages": [0.5], "epochs_per_stage": 0}, r"guard\.epochs_per_stage: must be"),
+        ({"stagse": [0.5]}, r"guard\.stagse: unknown key"),
     ],
     ids=["decreasing", "equal", "zero", "one", "scalar", "string", "epochs", "typo"],
 )
@@ -50,17 +50,20 @@ def test_bad_guard_names_the_field(guard, match):
 @pytest.mark.parametrize(
     "recipe, match",
     [
-        ({"methods": ["structured"]}, r"recipe\.guard cannot be combined with method 'structured'"),
-        ({"methods": ["lottery"]}, r"recipe\.guard cannot be combined with method 'lottery'"),
-        ({"methods": ["lowrank"]}, r"recipe\.guard cannot be combined with method 'lowrank'"),
-        ({"magnitude": {"m_by_n": [2, 4]}}, r"recipe\.magnitude\.m_by_n"),
+        ({"methods": ["structured"]}, r"guard: cannot be combined with method 'structured'"),
+        ({"methods": ["lottery"]}, r"guard: cannot be combined with method 'lottery'"),
+        ({"methods": ["lowrank"]}, r"guard: cannot be combined with method 'lowrank'"),
+        (
+            {"magnitude": {"m_by_n": [2, 4]}},
+            r"magnitude\.m_by_n: cannot be combined with guard\.stages",
+        ),
         (
             {"magnitude": {"overrides": {"dense*": {"target_sparsity": 0.9}}}},
-            r"recipe\.magnitude\.overrides\.dense\*\.target_sparsity",
+            r"magnitude\.overrides\.dense\*\.target_sparsity: cannot be combined",
         ),
         (
             {"finetune": {"early_stopping": {"enabled": True}}},
-            r"recipe\.finetune\.early_stopping\.enabled",
+            r"finetune\.early_stopping\.enabled: cannot be combined with guard",
         ),
     ],
     ids=["structured", "lottery", "lowrank", "m_by_n", "override-target", "early-stopping"],

@@ -78,3 +78,36 @@ def test_record_stage_replaces_and_orders(tmp_path):
     run.report_file.write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         run.read_report()
+
+
+def _entry(stage, **kw):
+    base = {
+        "stage": stage,
+        "started_at": "2026-01-01T00:00:00",
+        "duration_s": 1.5,
+        "energy_j": 2.0,
+        "energy_kwh": 2.0 / 3.6e6,
+        "energy_method": "estimated (cpu tdp)",
+        "emissions_kg": 1e-7,
+    }
+    return {**base, **kw}
+
+
+def test_read_entries_gives_typed_entries_in_order(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.read_entries() == []
+    run.record_stage(_entry("finetune", accuracy=0.9, details={"epochs_run": 2}))
+    run.record_stage(_entry("baseline", params=10, nonzero_params=7))
+    entries = run.read_entries()
+    assert [e.stage for e in entries] == ["baseline", "finetune"]
+    assert entries[0].params == 10 and entries[0].nonzero_params == 7
+    assert entries[0].accuracy is None and entries[0].details == {}
+    assert entries[1].accuracy == 0.9 and entries[1].details == {"epochs_run": 2}
+    run.record_stage({"stage": "validate", "duration_s": 1.0})
+    with pytest.raises(ValueError, match=r"'validate' lacks started_at, energy_j"):
+        run.read_entries()
+
+
+def test_method_state_dir_is_inside_the_run(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.method_state_dir == tmp_path / "r" / "methods"

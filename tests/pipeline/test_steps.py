@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 
 import keras
@@ -21,7 +22,12 @@ from keras_lean.pipeline import (
     train_baseline,
     validate,
 )
-from keras_lean.pipeline import steps as steps_mod
+from keras_lean.pipeline.methods import FinetunePlan
+from keras_lean.pipeline.steps import checkpoint as checkpoint_mod
+from keras_lean.pipeline.steps.finetune import pruning_end_epoch
+
+# The step functions shadow their modules' names on the package: reach the module itself.
+configure_mod = importlib.import_module("keras_lean.pipeline.steps.configure")
 
 STAGE_KEYS = {
     "stage",
@@ -94,7 +100,12 @@ def test_five_steps_then_report(trained_run):
         "deploy",
     ]
     table = rep.table()
-    assert "finetune" in table and "estimated" in table or "measured" in table
+    # Each stage's row names how its energy was obtained (its own column, not anywhere).
+    rows = {line.split()[0]: line for line in table.splitlines()[2:7]}
+    assert list(rows) == ["baseline", "configure", "finetune", "validate", "deploy"]
+    for stage, entry in zip(rows, rep.entries, strict=True):
+        assert entry.energy_method.startswith(("estimated", "measured"))
+        assert entry.energy_method in rows[stage], (stage, rows[stage])
     assert rep.summary()["sparsity"] > 0.65
 
 
@@ -114,7 +125,7 @@ def test_configure_keeps_hand_edits_without_force(trained_run):
     _configure_tiny(run)
     with pytest.raises(FileExistsError, match="pass force=True"):
         configure(run, epochs=3)
-    with pytest.raises(ValueError, match=r"recipe\.finetune\.epochs must be >= 1"):
+    with pytest.raises(ValueError, match=r"finetune\.epochs: must be an int >= 1"):
         configure(run, epochs=0, force=True)
 
 
@@ -148,7 +159,7 @@ def test_failed_stage_leaves_earlier_files_intact(trained_run, monkeypatch):
     assert not run.finetuned.exists()
     # A configure that fails after a good one keeps the good one's energy record; the failed
     # attempt's spent energy is kept beside it.
-    monkeypatch.setattr(steps_mod, "recipe_to_yaml", boom)
+    monkeypatch.setattr(configure_mod, "recipe_to_yaml", boom)
     with pytest.raises(RuntimeError, match="crash in the middle"):
         _configure_tiny(run)
     after = (
@@ -170,7 +181,7 @@ def test_resume_after_an_interruption(trained_run, monkeypatch):
 
     run = RunDir(trained_run)
     _configure_tiny(run, epochs=2, target_sparsity=0.6)
-    real = steps_mod._Checkpoint
+    real = checkpoint_mod.epoch_checkpoint
 
     def interrupting(run_, state):
         cb = real(run_, state)
@@ -183,10 +194,10 @@ def test_resume_after_an_interruption(trained_run, monkeypatch):
         cb.on_epoch_end = on_epoch_end
         return cb
 
-    monkeypatch.setattr(steps_mod, "_Checkpoint", interrupting)
+    monkeypatch.setattr(checkpoint_mod, "epoch_checkpoint", interrupting)
     with pytest.raises(KeyboardInterrupt):
         finetune(run, verbose=0)
-    monkeypatch.setattr(steps_mod, "_Checkpoint", real)
+    monkeypatch.setattr(checkpoint_mod, "epoch_checkpoint", real)
     assert json.loads(run.checkpoint_state.read_text())["epoch"] == 1
     ckpt = keras.models.load_model(run.checkpoint)
     wrapper = next(layer for layer in ckpt.layers if hasattr(layer, "pruning_step"))
@@ -278,6 +289,33 @@ def test_early_stopping_waits_for_the_schedule(trained_run, after_pruning):
         assert final == pytest.approx(0.7, abs=0.01)
     else:
         assert details["epochs_run"] < 4
+
+
+def test_early_stopping_waits_for_the_structured_masks(trained_run):
+    """Issue 11 item 6: `after_pruning` holds for gradual structured pruning too."""
+    from keras_lean.structured import shrink
+
+    run = RunDir(trained_run)
+    configure(run, methods=["structured"], epochs=4, batch_size=32, jit_compile="off", force=True)
+    text = yaml.safe_load(run.recipe.read_text())
+    text["structured"]["ratio"] = 0.5
+    text["finetune"]["early_stopping"] = {
+        "enabled": True,
+        "patience": 0,
+        "min_delta": 1.0,
+        "after_pruning": True,
+    }
+    run.recipe.write_text(yaml.safe_dump(text))
+    methods = load_recipe(run.recipe).ordered_methods()
+    plan = FinetunePlan(epochs=4, steps_per_epoch=13, batch_size=32)  # ceil(400 / 32) = 13
+    # The default schedule ends at 0.7 of 52 steps (step 40, in the fourth epoch): no epoch
+    # before it may stop the run, though min_delta 1.0 makes every epoch "no improvement".
+    assert pruning_end_epoch(methods, plan) == 4
+    result = finetune(run, verbose=0)
+    assert result.entry["details"]["epochs_run"] == 4
+    # The masks reached their target: half the channels of every group are gone.
+    small = shrink(keras.models.load_model(run.finetuned))
+    assert small.get_layer("conv1").filters == 16 and small.get_layer("dense1").units == 64
 
 
 def test_adopting_a_user_model_with_logits(tmp_path, tiny_npz):

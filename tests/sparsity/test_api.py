@@ -65,9 +65,101 @@ def test_weights_are_copied_into_the_clone():
     ids=["all", "patterns", "callable", "dict-skip"],
 )
 def test_filters_select_layers(filters, expected):
-    if isinstance(filters, dict) and "*" in filters:
-        filters = {"conv": None, "hidden": {}, "logits": {}}
     assert _wrapped_names(prune_low_magnitude(small_cnn(), filters=filters)) == expected
+
+
+def _cnn_layers():
+    return [
+        keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits"),
+    ]
+
+
+def _sequential_cnn():
+    return keras.Sequential([keras.Input((8, 8, 1)), *_cnn_layers()], name="seq")
+
+
+def _nested_in_functional():
+    """conv and flatten live in a Sequential used as a layer of a functional model."""
+    conv, flatten, hidden, logits = _cnn_layers()
+    block = keras.Sequential([keras.Input((8, 8, 1)), conv, flatten], name="block")
+    inputs = keras.Input((8, 8, 1))
+    return keras.Model(inputs, logits(hidden(block(inputs))), name="outer")
+
+
+def _nested_in_sequential():
+    """hidden lives in a functional model used inside a Sequential."""
+    conv, flatten, hidden, logits = _cnn_layers()
+    inner_in = keras.Input((144,))
+    block = keras.Model(inner_in, hidden(inner_in), name="block")
+    return keras.Sequential([keras.Input((8, 8, 1)), conv, flatten, block, logits], name="seq")
+
+
+MODEL_SHAPES = [_sequential_cnn, small_cnn, _nested_in_functional, _nested_in_sequential]
+SHAPE_IDS = ["sequential", "functional", "nested-in-functional", "nested-in-sequential"]
+
+
+@pytest.mark.parametrize("make", MODEL_SHAPES, ids=SHAPE_IDS)
+def test_every_prunable_layer_is_wrapped_nested_ones_too(make):
+    model = make()
+    pruned = compile_model(prune_low_magnitude(model, ConstantSparsity(0.75, frequency=1)))
+    assert _wrapped_names(pruned) == ["conv", "hidden", "logits"]
+    x, y = random_data(32)
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    pruned.fit(x, y, batch_size=16, verbose=0)
+    stripped = strip_pruning(pruned)
+    assert not pruning_wrappers(stripped)
+    rows = {r.name: r.sparsity for r in sparsity_report(stripped).layers}
+    assert set(rows) == {"conv", "hidden", "logits"}
+    assert all(abs(v - 0.75) < 0.02 for v in rows.values()), rows
+    assert not pruning_wrappers(model)  # the caller's model is untouched
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("make", MODEL_SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize(
+    "filters,expected",
+    [
+        (["hidden"], ["hidden"]),
+        (["con*", "hid*"], ["conv", "hidden"]),
+        ({"conv": None, "*": {}}, ["hidden", "logits"]),
+        ({"logits": {"block_size": (1, 2)}, "*": None}, ["logits"]),
+        (["*"], ["conv", "hidden", "logits"]),
+    ],
+    ids=["name", "patterns", "dict-star", "dict-star-skips", "list-star"],
+)
+def test_filters_reach_nested_layers_and_star_skips_unprunable_layers(make, filters, expected):
+    pruned = prune_low_magnitude(make(), ConstantSparsity(0.5), filters=filters)
+    assert _wrapped_names(pruned) == expected
+
+
+@pytest.mark.parametrize("make", MODEL_SHAPES, ids=SHAPE_IDS)
+def test_a_wildcard_that_selects_only_unprunable_layers_is_an_error(make):
+    with pytest.raises(
+        ValueError, match=r"\['flat\*'\] matched no prunable layer of the model, only: flatten"
+    ):
+        prune_low_magnitude(make(), filters=["flat*"])
+    with pytest.raises(ValueError, match=r"Layer 'flatten' of type Flatten cannot be pruned"):
+        prune_low_magnitude(make(), filters={"flatten": {}, "*": {}})
+
+
+def test_a_nested_subclassed_model_with_prunable_layers_is_refused():
+    class Block(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(4, name="inside")
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(Block(name="blk")(inputs)), name="m")
+    with pytest.raises(ValueError, match=r"nested model 'blk' \(Block\).*\['inside'\]"):
+        prune_low_magnitude(model)
 
 
 def test_filters_give_per_layer_parameters():

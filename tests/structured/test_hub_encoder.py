@@ -1,4 +1,5 @@
-"""keras-hub TransformerEncoder: feed-forward neurons pruned, hidden width and heads kept."""
+"""keras-hub TransformerEncoder: feed-forward neurons (and heads, see test_hub_heads.py) pruned,
+hidden width kept."""
 
 from __future__ import annotations
 
@@ -48,20 +49,23 @@ def _inputs(batch=4, seq=8):
 
 
 def _encoders(model):
-    return [layer for layer in model.layers if type(layer).__name__ == "TransformerEncoder"]
+    return [la for la in model.layers if isinstance(la, keras_hub.layers.TransformerEncoder)]
 
 
-def test_graph_finds_one_feed_forward_group_per_encoder_and_says_what_is_kept():
+def test_graph_finds_feed_forward_and_head_groups_per_encoder_and_says_what_is_kept():
     graph = build_graph(_flat_bert(), exclude=("logits",))
     prunable = [g for g in graph.groups if g.is_prunable]
     assert sorted(g.producers for g in prunable) == [
+        ("transformer_layer_0:heads",),
         ("transformer_layer_0:intermediate",),
+        ("transformer_layer_1:heads",),
         ("transformer_layer_1:intermediate",),
     ]
-    assert all(g.size == FF for g in prunable)
+    assert [g.size for g in prunable if g.kind == "channels"] == [FF, FF]
+    assert [g.size for g in prunable if g.kind == "heads"] == [HEADS, HEADS]
     skipped = {s.name: s.reason for s in graph.skipped}
-    assert "hidden width and heads kept" in skipped["transformer_layer_0"]
-    assert "feed-forward neurons are pruned" in skipped["transformer_layer_0"]
+    assert "hidden width kept" in skipped["transformer_layer_0"]
+    assert "heads and feed-forward neurons are pruned" in skipped["transformer_layer_0"]
 
 
 def test_ratio_zero_is_the_same_model():
@@ -140,8 +144,19 @@ def test_a_keras_hub_task_is_pruned_through_its_backbone_then_lora_merges():
     report = structure_report(task, small, exclude=("logits",))
     assert {r.name: r.width_after for r in report.layers}["transformer_layer_1"] == FF // 2
     adapted = apply_lora(small, rank=2, keep_trainable="logits")
+    # Fresh adapters have B = 0 (they add nothing): give them values, so the merge has work to do.
+    factors_b = [v for v in adapted.weights if v.path.rsplit("/", 1)[-1].startswith("lora_")]
+    factors_b = [v for v in factors_b if v.path.endswith("_b")]
+    assert factors_b
+    rng = np.random.default_rng(1)
+    for v in factors_b:  # large: with one head left per block the logits move less per unit
+        v.assign(rng.normal(0.0, 6.0, tuple(v.shape)).astype("float32"))
+    x = _inputs()
+    # the adapters move the outputs far more than the merge tolerance below
+    assert np.abs(np.asarray(adapted(x)) - np.asarray(small(x))).max() > 1e-3
     merged = merge_lora(adapted)
-    np.testing.assert_allclose(merged(_inputs()), adapted(_inputs()), rtol=1e-4, atol=1e-4)
+    assert not any("lora_" in v.path for v in merged.weights)
+    np.testing.assert_allclose(merged(x), adapted(x), rtol=1e-4, atol=2e-5)
 
 
 def test_taylor_importance_takes_named_inputs():

@@ -1,26 +1,32 @@
-"""Registry of recipe methods: name -> "module:Class", imported on first use."""
+"""Recipe methods: one module per technique, each registering its `Method` class.
+
+Importing this package registers the built-in methods (every module in this folder); see
+`registry` for adding your own and `base.Method` for the contract.
+"""
 
 from __future__ import annotations
 
-import importlib
+from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method
+from keras_lean.pipeline.methods.registry import (
+    METHODS,
+    get_method_class,
+    method_classes,
+    method_names,
+    register_method,
+    registered_class,
+)
+from keras_lean.pipeline.methods.registry import discover as _discover
 
-METHODS = {
-    "magnitude": "keras_lean.pipeline.methods.magnitude:MagnitudeMethod",
-    "movement": "keras_lean.pipeline.methods.magnitude:MovementMethod",
-    "structured": "keras_lean.pipeline.methods.structured:StructuredMethod",
-    "lowrank": "keras_lean.pipeline.methods.lowrank:LowRankMethod",
-    "lora": "keras_lean.pipeline.methods.lora:LoraMethod",
-    "lottery": "keras_lean.pipeline.methods.lottery:LotteryMethod",
-}
+_discover()
 
-
-def get_method_class(name: str):
-    """Returns the `Method` subclass registered under `name`.
-
-    Raises:
-        ValueError: if `name` is not a known method.
-    """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}. Allowed: {', '.join(sorted(METHODS))}.")
-    module_name, class_name = METHODS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+__all__ = [
+    "METHODS",
+    "Data",
+    "FinetunePlan",
+    "Method",
+    "get_method_class",
+    "method_classes",
+    "method_names",
+    "register_method",
+    "registered_class",
+]

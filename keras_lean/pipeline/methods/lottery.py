@@ -25,26 +25,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method, classification_loss
-from keras_lean.pipeline.methods.magnitude import _patterns, _walk, strip_and_measure
-from keras_lean.pipeline.recipe import _number, check_keys
+from keras_lean.pipeline.methods.magnitude import _walk, check_patterns, strip_and_measure
+from keras_lean.pipeline.methods.registry import register_method
+from keras_lean.pipeline.options import (
+    Choice,
+    Float,
+    Int,
+    Patterns,
+    RecipeError,
+    Section,
+    option,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-_SCOPES = ("layerwise", "global")
-# Methods that would prune the same weights again, or undo the sparsity at deploy.
-_CONFLICTS = {
-    "magnitude": "lottery ticket search prunes by magnitude itself, in rounds",
-    "movement": "lottery ticket search prunes by magnitude itself, in rounds",
-    "lora": "merging LoRA adapters adds a dense update that destroys the sparsity",
-}
-
 
 @dataclasses.dataclass(frozen=True)
-class LotteryOptions:
+class LotteryOptions(Section):
     """Options of the `lottery` recipe method.
 
     Attributes:
@@ -63,110 +65,72 @@ class LotteryOptions:
         exclude: layer-name patterns of layers left dense.
     """
 
-    FIELD_COMMENTS: ClassVar[dict[str, str]] = {
-        "version": "format version of this section",
-        "rounds": "pruning rounds; final sparsity 1 - (1 - rate) ** rounds",
-        "rate": "fraction of surviving weights removed per round, in (0, 1)",
-        "rewind_step": "step of round 0 the survivors rewind to (0: the baseline's weights)",
-        "epochs_per_round": "training epochs per round (replaces finetune.epochs)",
-        "scope": "layerwise | global",
-        "include": "layer-name patterns to prune ('*' = every prunable layer)",
-        "exclude": "layer-name patterns to leave dense",
-    }
+    root: ClassVar[str | None] = "lottery"
 
-    version: int = 1
-    rounds: int = 2
-    rate: float = 0.5
-    rewind_step: int = 0
-    epochs_per_round: int = 2
-    scope: str = "layerwise"
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        p = "recipe.lottery"
-        if self.version != 1:
-            raise ValueError(f"{p}.version must be 1. Received: version={self.version!r}")
-        for name in ("rounds", "epochs_per_round"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{p}.{name} must be an integer >= 1. Received: {name}={v!r}")
-        if (
-            isinstance(self.rate, bool)
-            or not isinstance(self.rate, (int, float))
-            or not 0 < self.rate < 1
-        ):
-            raise ValueError(f"{p}.rate must be in (0, 1). Received: rate={self.rate!r}")
-        if (
-            isinstance(self.rewind_step, bool)
-            or not isinstance(self.rewind_step, int)
-            or self.rewind_step < 0
-        ):
-            raise ValueError(
-                f"{p}.rewind_step must be an integer >= 0. "
-                f"Received: rewind_step={self.rewind_step!r}"
-            )
-        if self.scope not in _SCOPES:
-            raise ValueError(
-                f"{p}.scope must be one of {', '.join(_SCOPES)}. Received: scope={self.scope!r}"
-            )
-        object.__setattr__(self, "include", _patterns(self.include, f"{p}.include"))
-        object.__setattr__(self, "exclude", _patterns(self.exclude, f"{p}.exclude"))
+    version: int = option(1, Choice(1), "format version of this section")
+    rounds: int = option(2, Int(min=1), "pruning rounds; final sparsity 1 - (1 - rate) ** rounds")
+    rate: float = option(
+        0.5, Float(gt=0, lt=1), "fraction of surviving weights removed per round, in (0, 1)"
+    )
+    rewind_step: int = option(
+        0, Int(min=0), "step of round 0 the survivors rewind to (0: the baseline's weights)"
+    )
+    epochs_per_round: int = option(
+        2, Int(min=1), "training epochs per round (replaces finetune.epochs)"
+    )
+    scope: str = option("layerwise", Choice("layerwise", "global"), "layerwise | global")
+    include: tuple[str, ...] = option(
+        ("*",), Patterns(), "layer-name patterns to prune ('*' = every prunable layer)"
+    )
+    exclude: tuple[str, ...] = option((), Patterns(), "layer-name patterns to leave dense")
 
     @property
     def final_sparsity(self) -> float:
         """Sparsity of the pruned layers after the last round."""
         return 1.0 - (1.0 - self.rate) ** self.rounds
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["include"] = list(self.include)
-        d["exclude"] = list(self.exclude)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "recipe.lottery") -> LotteryOptions:
-        """Parses the recipe section; unknown keys are errors naming `recipe.lottery.<key>`."""
-        if d is None:
-            return cls()
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        for name in ("version", "rounds", "rewind_step", "epochs_per_round"):
-            if name in d:
-                kw[name] = _number(d[name], f"{path}.{name}", kind=int)
-        if "rate" in d:
-            kw["rate"] = _number(d["rate"], f"{path}.rate")
-        if "scope" in d:
-            kw["scope"] = str(d["scope"])
-        for name in ("include", "exclude"):
-            if name in d:
-                kw[name] = _patterns(d[name] if d[name] is not None else [], f"{path}.{name}")
-        return cls(**kw)
-
-
+@register_method
 class LotteryMethod(Method):
     """Lottery tickets (Frankle & Carbin, 2019; rewinding: Frankle et al., 2020)."""
 
     name: ClassVar[str] = "lottery"
     order: ClassVar[int] = 35
     options_class: ClassVar[type] = LotteryOptions
+    guard_note: ClassVar[str] = "lottery runs its own pruning rounds (see lottery.rounds)"
+    target_option: ClassVar[str | None] = "final_sparsity"
+    target_help: ClassVar[str] = (
+        "final sparsity 1 - (1 - rate) ** rounds; sets rate for the recipe's rounds"
+    )
+    sweep_targets: ClassVar[tuple[float, ...]] = (0.5, 0.8, 0.9)
+    state_attributes: ClassVar[tuple[str, ...]] = ("_result", "_final")
+
+    @classmethod
+    def own_training_loop(cls, options: Any) -> str | None:
+        return "lottery trains, rewinds and retrains in its own loop"
 
     def __init__(self, options: LotteryOptions):
-        if not isinstance(options, LotteryOptions):
-            raise TypeError(
-                f"lottery options must be LotteryOptions. Received: {type(options).__name__}"
-            )
         super().__init__(options)
         self._result: dict | None = None
         self._final: dict | None = None
 
     @classmethod
-    def check_combination(cls, names: list[str]) -> None:
-        for other, why in _CONFLICTS.items():
-            if other in names:
-                raise ValueError(
-                    f"recipe.methods: {cls.name!r} cannot be combined with {other!r}: {why}."
-                )
+    def with_target(cls, options: LotteryOptions, target: float) -> LotteryOptions:
+        """Sets `rate` so that `rounds` rounds reach final sparsity `target`, in (0, 1)."""
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1:
+            raise RecipeError(
+                f"{cls.name}.final_sparsity", f"must be in (0, 1). Received: {target!r}"
+            )
+        rate = 1.0 - (1.0 - target) ** (1.0 / options.rounds)
+        try:
+            return dataclasses.replace(options, rate=rate)
+        except RecipeError as e:
+            raise e.under(cls.name) from None
+
+    def pruning_end_step(self, plan: FinetunePlan) -> int | None:
+        """None: lottery prunes between its own rounds (each with a fresh optimizer), in a loop
+        the pipeline's fit callbacks (early stopping included) do not run in."""
+        return None
 
     def _filters(self, model: keras.Model):
         """The layers to prune, as a `prune_low_magnitude` filters callable.
@@ -179,13 +143,7 @@ class LotteryMethod(Method):
 
         o = self.options
         names = [layer.name for layer in _walk(model)]
-        for key, patterns in (("include", o.include), ("exclude", o.exclude)):
-            for p in patterns:
-                if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                    raise ValueError(
-                        f"recipe.lottery.{key}: pattern {p!r} matches no layer of the model. "
-                        f"Layers: {', '.join(names)}"
-                    )
+        check_patterns(self.name, names, include=o.include, exclude=o.exclude)
 
         def chosen(layer) -> bool:
             return (
@@ -196,25 +154,28 @@ class LotteryMethod(Method):
 
         for layer in _walk(model):
             if layer.name in o.include and not is_prunable(layer):
-                raise ValueError(
-                    f"recipe.lottery.include names layer {layer.name!r} of type "
-                    f"{type(layer).__name__}, which cannot be pruned."
+                raise RecipeError(
+                    "lottery.include",
+                    f"names layer {layer.name!r} of type {type(layer).__name__}, which cannot "
+                    f"be pruned.",
                 )
         if not any(chosen(layer) for layer in _walk(model)):
-            raise ValueError(
-                f"recipe.lottery: no prunable layer selected by include={list(o.include)}, "
-                f"exclude={list(o.exclude)}. Layers: {', '.join(names)}"
+            raise RecipeError(
+                "lottery",
+                f"no prunable layer selected by include={list(o.include)}, "
+                f"exclude={list(o.exclude)}. Layers: {', '.join(names)}",
             )
         return chosen
 
     def check_plan(self, plan: FinetunePlan) -> None:
-        """Raises ValueError naming `recipe.lottery.rewind_step` if it is past round 0's end."""
+        """Raises RecipeError naming `lottery.rewind_step` if it is past round 0's end."""
         total = self.options.epochs_per_round * plan.steps_per_epoch
         if self.options.rewind_step > total:
-            raise ValueError(
-                f"recipe.lottery.rewind_step must be within round 0's training: at most {total} "
-                f"(epochs_per_round {self.options.epochs_per_round} x {plan.steps_per_epoch} "
-                f"steps per epoch). Received: rewind_step={self.options.rewind_step}"
+            raise RecipeError(
+                "lottery.rewind_step",
+                f"must be within round 0's training: at most {total} (epochs_per_round "
+                f"{self.options.epochs_per_round} x {plan.steps_per_epoch} steps per epoch). "
+                f"Received: {self.options.rewind_step}",
             )
 
     def prepare(self, model: keras.Model, data: Data, plan: FinetunePlan) -> keras.Model:
@@ -305,3 +266,28 @@ class LotteryMethod(Method):
         if self._final is not None:
             out["final"] = self._final
         return out
+
+    @classmethod
+    def report_lines(cls, report: dict) -> list[str]:
+        """The rounds: sparsity, validation accuracy, energy and time of each."""
+        rounds = report.get("rounds") if isinstance(report, Mapping) else None
+        if not isinstance(rounds, list) or not rounds:
+            return []
+        from keras_lean.pipeline.steps.report import fmt, text_table
+
+        rows = [
+            (
+                str(r.get("index")),
+                fmt(r.get("sparsity"), "{:.1%}"),
+                fmt(r.get("val_accuracy"), "{:.4f}"),
+                fmt(r.get("energy_j"), "{:.1f}"),
+                fmt(r.get("duration_s"), "{:.1f}"),
+            )
+            for r in rounds
+            if isinstance(r, Mapping)
+        ]
+        return [
+            f"lottery rounds (rewind_step {report.get('rewind_step')}, "
+            f"scope {report.get('scope')}):",
+            *text_table(("round", "sparsity", "val acc", "energy J", "time s"), rows, indent="  "),
+        ]

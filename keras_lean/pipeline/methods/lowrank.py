@@ -15,40 +15,24 @@ The factorized layers (`LowRankDense`) are the deployment form, so `finalize` ke
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import ClassVar
 
 from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method
-
-
-def _check_keys(section: str, data: Any, allowed: list[str]) -> dict:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"`{section}` must be a mapping of options. Received: {section}={data!r}")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"Unknown key {section}.{unknown[0]}"
-            + (f" (and {', '.join(f'{section}.{k}' for k in unknown[1:])})" if unknown[1:] else "")
-            + f". Allowed: {', '.join(allowed)}."
-        )
-    return dict(data)
-
-
-def _patterns(section: str, key: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ValueError(
-            f"`{section}.{key}` must be a list of regex strings. Received: {key}={value!r}"
-        )
-    return tuple(value)
+from keras_lean.pipeline.methods.registry import register_method
+from keras_lean.pipeline.options import (
+    Choice,
+    Float,
+    Int,
+    Optional,
+    Patterns,
+    RecipeError,
+    Section,
+    option,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankOptions:
+class LowRankOptions(Section):
     """Options of the `lowrank` recipe method.
 
     Attributes:
@@ -60,66 +44,66 @@ class LowRankOptions:
             Dense (and Dense-like EinsumDense) layers.
     """
 
-    version: int = 1
-    rank: int | None = None
-    energy: float = 0.9
-    filters: tuple[str, ...] = ()
+    root: ClassVar[str | None] = "lowrank"
 
-    def __post_init__(self):
-        if self.version != 1:
-            raise ValueError(f"`lowrank.version` must be 1. Received: version={self.version!r}")
-        if self.rank is not None and (
-            isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0
-        ):
-            raise ValueError(
-                f"`lowrank.rank` must be a positive integer or null. Received: rank={self.rank!r}"
-            )
-        if (
-            isinstance(self.energy, bool)
-            or not isinstance(self.energy, int | float)
-            or not 0 < self.energy <= 1
-        ):
-            raise ValueError(
-                f"`lowrank.energy` must be in (0, 1]. Received: energy={self.energy!r}"
-            )
-        object.__setattr__(self, "filters", _patterns("lowrank", "filters", self.filters))
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> LowRankOptions:
-        """Parses the recipe section; unknown keys raise ValueError naming `lowrank.<key>`."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        return cls(**_check_keys("lowrank", data, fields))
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["filters"] = list(self.filters)
-        return data
+    version: int = option(1, Choice(1), "format version of this section")
+    rank: int | None = option(
+        None, Optional(Int(min=1)), "fixed rank of every factorized layer, or null: use energy"
+    )
+    energy: float = option(
+        0.9, Float(gt=0, max=1), "share of spectral energy kept when rank is null, in (0, 1]"
+    )
+    filters: tuple[str, ...] = option(
+        (), Patterns("regexes"), "regexes searched in layer paths; empty: every Dense layer"
+    )
 
 
+@register_method
 class LowRankMethod(Method):
     """Replaces Dense kernels by their truncated SVD before fine-tuning (`factorize`)."""
 
-    name = "lowrank"
-    order = 20
-    options_class = LowRankOptions
+    name: ClassVar[str] = "lowrank"
+    order: ClassVar[int] = 20
+    options_class: ClassVar[type] = LowRankOptions
+    target_option: ClassVar[str | None] = "energy"
+    target_help: ClassVar[str] = (
+        "a number in (0, 1) sets energy (share of spectral energy kept, the rank picked per "
+        "layer); an integer >= 1 sets a fixed rank"
+    )
+    state_attributes: ClassVar[tuple[str, ...]] = ("_report",)
 
     def __init__(self, options: LowRankOptions):
         super().__init__(options)
-        self._report = None
+        self._report: dict | None = None
+
+    @classmethod
+    def with_target(cls, options: LowRankOptions, target: float) -> LowRankOptions:
+        """A number in (0, 1) is the energy kept (with `rank: null`); an integral number >= 1
+        (`8` or `8.0`, as the CLI's float option passes it) is a fixed rank."""
+        is_number = isinstance(target, int | float) and not isinstance(target, bool)
+        if is_number and 0 < target < 1:
+            return dataclasses.replace(options, energy=target, rank=None)
+        if is_number and float(target).is_integer() and target >= 1:
+            return dataclasses.replace(options, rank=int(target))
+        raise RecipeError(
+            f"{cls.name}.{cls.target_option}",
+            f"the target must be an energy in (0, 1) or an integer rank >= 1. Received: {target!r}",
+        )
 
     def prepare(self, model, data: Data, plan: FinetunePlan):
         from keras_lean.lowrank import factorize
 
-        new, self._report = factorize(
+        new, report = factorize(
             model,
             rank=self.options.rank,
             energy=self.options.energy,
             filters=list(self.options.filters) or None,
         )
+        self._report = report.to_dict()
         return new
 
     def report(self) -> dict:
         result = {"options": self.options.to_dict()}
         if self._report is not None:
-            result.update(self._report.to_dict())
+            result.update(self._report)
         return result

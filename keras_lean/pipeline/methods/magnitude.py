@@ -2,8 +2,9 @@
 
 Both wrap the chosen layers with `keras_lean.sparsity.prune_low_magnitude` before fine-tuning
 (the masks update inside the compiled train step, so no callback is needed) and strip the
-wrappers at deploy. They differ only in the criterion that ranks weights: magnitude |w|, or
-movement (Sanh et al., 2020: scores accumulate -w x dL/dw during fine-tuning).
+wrappers at deploy. They differ in the criterion that ranks weights: magnitude |w|, or the top-k
+of scores learned through a straight-through estimator (movement, Sanh et al., 2020; see
+`keras_lean.sparsity.movement`). `soft_movement.py` builds the soft variant on `movement`.
 
 Recipe section (all keys optional)::
 
@@ -28,56 +29,30 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from keras_lean.pipeline.methods.base import Data, FinetunePlan, Method
-from keras_lean.pipeline.recipe import _number, check_keys
+from keras_lean.pipeline.methods.registry import register_method
+from keras_lean.pipeline.options import (
+    Choice,
+    Float,
+    Int,
+    Nested,
+    NestedMap,
+    Optional,
+    Pair,
+    Patterns,
+    RecipeError,
+    Section,
+    option,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-_SCHEDULE_KINDS = ("polynomial", "constant")
-_UNITS = ("fraction", "steps")
-_POOLING = ("AVG", "MAX")
-_PRUNING_METHODS = ("magnitude", "movement")
-# Methods whose final step would undo or redo what this one does.
-_CONFLICTS = {
-    "lora": "merging LoRA adapters adds a dense update that destroys the sparsity",
-    "lottery": "lottery ticket search prunes by magnitude itself, in rounds",
-}
-
-
-def _pair(value: Any, path: str, *, allow_none: bool) -> tuple[int, int] | None:
-    if value is None and allow_none:
-        return None
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise ValueError(
-            f"{path} must be a pair of ints [a, b]{' or null' if allow_none else ''}. "
-            f"Received: {path.split('.')[-1]}={value!r}"
-        )
-    return (int(value[0]), int(value[1]))
-
-
-def _sparsity(value: float, path: str) -> float:
-    if not 0 <= value < 1:
-        raise ValueError(f"{path} must be in [0, 1). Received: {path.split('.')[-1]}={value!r}")
-    return value
-
-
-def _patterns(value: Any, path: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise ValueError(
-            f"{path} must be a list of layer-name patterns. Received: "
-            f"{path.split('.')[-1]}={value!r}"
-        )
-    return tuple(value)
+_SPARSITY = Float(min=0, lt=1)
+_POOLING = Choice("AVG", "MAX", normalize=str.upper)
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleOptions:
+class ScheduleOptions(Section):
     """When sparsity grows during fine-tuning.
 
     Attributes:
@@ -94,48 +69,26 @@ class ScheduleOptions:
         power: exponent of the polynomial (> 0).
     """
 
-    kind: str = "polynomial"
-    initial_sparsity: float = 0.0
-    begin: float = 0.0
-    end: float = 0.7
-    unit: str = "fraction"
-    frequency: int = 10
-    power: float = 3.0
+    kind: str = option("polynomial", Choice("polynomial", "constant"), "polynomial | constant")
+    initial_sparsity: float = option(0.0, _SPARSITY, "polynomial: sparsity at begin, in [0, 1)")
+    begin: float = option(0.0, Float(min=0), "when pruning starts (a fraction or a step, see unit)")
+    end: float = option(0.7, Float(min=0), "when the target is reached (after begin, same unit)")
+    unit: str = option("fraction", Choice("fraction", "steps"), "fraction | steps")
+    frequency: int = option(10, Int(min=1), "steps between mask updates")
+    power: float = option(3.0, Float(gt=0), "polynomial exponent (3: Zhu & Gupta's cubic)")
 
-    def __post_init__(self):
-        p = "schedule"
-        if self.kind not in _SCHEDULE_KINDS:
-            raise ValueError(
-                f"{p}.kind must be one of {', '.join(_SCHEDULE_KINDS)}. "
-                f"Received: kind={self.kind!r}"
-            )
-        if self.unit not in _UNITS:
-            raise ValueError(
-                f"{p}.unit must be one of {', '.join(_UNITS)}. Received: unit={self.unit!r}"
-            )
-        _sparsity(self.initial_sparsity, f"{p}.initial_sparsity")
-        if self.frequency < 1:
-            raise ValueError(f"{p}.frequency must be >= 1. Received: frequency={self.frequency}")
-        if not self.power > 0:
-            raise ValueError(f"{p}.power must be > 0. Received: power={self.power}")
-        if self.unit == "fraction":
-            for name in ("begin", "end"):
-                v = getattr(self, name)
-                if not 0 <= v <= 1:
-                    raise ValueError(
-                        f"{p}.{name} must be in [0, 1] with unit: fraction. Received: {name}={v}"
-                    )
-        else:
-            for name in ("begin", "end"):
-                v = getattr(self, name)
-                if v < 0 or not float(v).is_integer():
-                    raise ValueError(
-                        f"{p}.{name} must be a step number >= 0 with unit: steps. "
-                        f"Received: {name}={v}"
-                    )
+    def check(self) -> None:
+        for name in ("begin", "end"):
+            v = getattr(self, name)
+            if self.unit == "fraction" and not 0 <= v <= 1:
+                raise RecipeError(name, f"must be in [0, 1] with unit: fraction. Received: {v:g}")
+            if self.unit == "steps" and not float(v).is_integer():
+                raise RecipeError(
+                    name, f"must be a step number >= 0 with unit: steps. Received: {v:g}"
+                )
         if self.end <= self.begin:
-            raise ValueError(
-                f"{p}.end must be after {p}.begin. Received: begin={self.begin}, end={self.end}"
+            raise RecipeError(
+                "end", f"must be after begin. Received: begin={self.begin:g}, end={self.end:g}"
             )
 
     def steps(self, total_steps: int) -> tuple[int, int, int]:
@@ -162,29 +115,25 @@ class ScheduleOptions:
             k = 1
         return begin, begin + k * freq, freq
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def build(self, target: float, plan: FinetunePlan, steps: tuple[int, int, int] | None = None):
+        """The sparsity schedule (`keras_lean.sparsity.schedules`) reaching `target`."""
+        from keras_lean.sparsity.schedules import ConstantSparsity, PolynomialDecay
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "schedule") -> ScheduleOptions:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        for name in ("kind", "unit"):
-            if name in d:
-                kw[name] = str(d[name])
-        for name in ("initial_sparsity", "begin", "end", "power"):
-            if name in d:
-                kw[name] = _number(d[name], f"{path}.{name}")
-        if "frequency" in d:
-            kw["frequency"] = _number(d["frequency"], f"{path}.frequency", kind=int)
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(str(e).replace("schedule.", f"{path}.", 1)) from e
+        begin, end, freq = steps or self.steps(plan.total_steps)
+        if self.kind == "constant":
+            return ConstantSparsity(target, begin_step=begin, end_step=end, frequency=freq)
+        return PolynomialDecay(
+            initial_sparsity=min(self.initial_sparsity, target),
+            final_sparsity=target,
+            begin_step=begin,
+            end_step=end,
+            power=self.power,
+            frequency=freq,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerOverride:
+class LayerOverride(Section):
     """Per-layer settings that replace the section's for layers matching a pattern.
 
     Attributes:
@@ -194,46 +143,17 @@ class LayerOverride:
         block_pooling: this layer's block pooling.
     """
 
-    target_sparsity: float | None = None
-    m_by_n: tuple[int, int] | None = None
-    block_size: tuple[int, int] | None = None
-    block_pooling: str | None = None
+    target_sparsity: float | None = option(None, Optional(_SPARSITY), "this layer's sparsity")
+    m_by_n: tuple[int, int] | None = option(None, Pair(optional=True), "this layer's [m, n]")
+    block_size: tuple[int, int] | None = option(None, Pair(optional=True), "this layer's block")
+    block_pooling: str | None = option(None, Optional(_POOLING), "this layer's AVG | MAX")
 
     def to_dict(self) -> dict:
-        return {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(self).items()
-            if v is not None
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str) -> LayerOverride:
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        if "target_sparsity" in d:
-            kw["target_sparsity"] = _sparsity(
-                _number(d["target_sparsity"], f"{path}.target_sparsity"), f"{path}.target_sparsity"
-            )
-        if "m_by_n" in d:
-            kw["m_by_n"] = _pair(d["m_by_n"], f"{path}.m_by_n", allow_none=True)
-        if "block_size" in d:
-            kw["block_size"] = _pair(d["block_size"], f"{path}.block_size", allow_none=False)
-        if "block_pooling" in d:
-            kw["block_pooling"] = _pooling(d["block_pooling"], f"{path}.block_pooling")
-        return cls(**kw)
-
-
-def _pooling(value: Any, path: str) -> str:
-    v = str(value).upper()
-    if v not in _POOLING:
-        raise ValueError(
-            f"{path} must be one of {', '.join(_POOLING)}. Received: block_pooling={value!r}"
-        )
-    return v
+        return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
-class PruningOptions:
+class PruningOptions(Section):
     """Options of the `magnitude` and `movement` recipe sections.
 
     Attributes:
@@ -250,98 +170,86 @@ class PruningOptions:
             settings; the first matching pattern wins.
     """
 
-    FIELD_COMMENTS: ClassVar[dict[str, str]] = {
-        "target_sparsity": "final fraction of zeros in each pruned layer, in [0, 1)",
-        "schedule": "how sparsity grows over fine-tuning",
-        "m_by_n": "null, or [m, n]: m zeros in every n weights along the input axis",
-        "block_size": "[rows, cols] of weight blocks pruned together",
-        "block_pooling": "AVG | MAX",
-        "include": "layer-name patterns to prune ('*' = every prunable layer)",
-        "exclude": "layer-name patterns to leave dense",
-        "overrides": "{pattern: {target_sparsity, m_by_n, block_size, block_pooling}}",
-    }
+    target_sparsity: float = option(
+        0.8, _SPARSITY, "final fraction of zeros in each pruned layer, in [0, 1)"
+    )
+    schedule: ScheduleOptions = option(
+        kind=Nested(ScheduleOptions),
+        comment="how sparsity grows over fine-tuning",
+        default_factory=ScheduleOptions,
+    )
+    m_by_n: tuple[int, int] | None = option(
+        None,
+        Pair(optional=True),
+        "null, or [m, n]: m zeros in every n weights along the input axis",
+    )
+    block_size: tuple[int, int] = option(
+        (1, 1), Pair(), "[rows, cols] of weight blocks pruned together"
+    )
+    block_pooling: str = option("AVG", _POOLING, "AVG | MAX: how a block's magnitude is pooled")
+    include: tuple[str, ...] = option(
+        ("*",), Patterns(), "layer-name patterns to prune ('*' = every prunable layer)"
+    )
+    exclude: tuple[str, ...] = option((), Patterns(), "layer-name patterns to leave dense")
+    overrides: Mapping[str, LayerOverride] = option(
+        kind=NestedMap(LayerOverride),
+        comment="{pattern: {target_sparsity, m_by_n, block_size, block_pooling}}",
+        default_factory=dict,
+    )
 
-    target_sparsity: float = 0.8
-    schedule: ScheduleOptions = dataclasses.field(default_factory=ScheduleOptions)
-    m_by_n: tuple[int, int] | None = None
-    block_size: tuple[int, int] = (1, 1)
-    block_pooling: str = "AVG"
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    overrides: Mapping[str, LayerOverride] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        _sparsity(self.target_sparsity, "target_sparsity")
+    def check(self) -> None:
         if self.m_by_n is not None:
             m, n = self.m_by_n
-            if not (0 < m < n):
-                raise ValueError(
-                    f"m_by_n must be [m, n] with 0 < m < n. Received: m_by_n={list(self.m_by_n)}"
+            if not m < n:
+                raise RecipeError(
+                    "m_by_n", f"must be [m, n] with 0 < m < n. Received: {list(self.m_by_n)}"
                 )
-        if min(self.block_size) < 1:
-            raise ValueError(
-                f"block_size entries must be >= 1. Received: block_size={list(self.block_size)}"
-            )
-        if self.m_by_n is not None and tuple(self.block_size) != (1, 1):
-            raise ValueError(
-                "m_by_n and block_size cannot be combined. Received: "
-                f"m_by_n={list(self.m_by_n)}, block_size={list(self.block_size)}"
-            )
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
-
-    def to_dict(self) -> dict:
-        return {
-            "target_sparsity": self.target_sparsity,
-            "schedule": self.schedule.to_dict(),
-            "m_by_n": None if self.m_by_n is None else list(self.m_by_n),
-            "block_size": list(self.block_size),
-            "block_pooling": self.block_pooling,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "recipe.magnitude") -> PruningOptions:
-        """Parses a recipe section; errors name the key path under `path`."""
-        if d is None:
-            d = {}
-        check_keys(d, {f.name for f in dataclasses.fields(cls)}, path)
-        kw: dict[str, Any] = {}
-        if "target_sparsity" in d:
-            kw["target_sparsity"] = _sparsity(
-                _number(d["target_sparsity"], f"{path}.target_sparsity"), f"{path}.target_sparsity"
-            )
-        if "schedule" in d:
-            kw["schedule"] = ScheduleOptions.from_dict(d["schedule"] or {}, f"{path}.schedule")
-        if "m_by_n" in d:
-            kw["m_by_n"] = _pair(d["m_by_n"], f"{path}.m_by_n", allow_none=True)
-        if "block_size" in d:
-            kw["block_size"] = _pair(d["block_size"], f"{path}.block_size", allow_none=False)
-        if "block_pooling" in d:
-            kw["block_pooling"] = _pooling(d["block_pooling"], f"{path}.block_pooling")
-        for name in ("include", "exclude"):
-            if name in d:
-                kw[name] = _patterns(d[name] if d[name] is not None else [], f"{path}.{name}")
-        if "overrides" in d:
-            ov = d["overrides"] or {}
-            if not isinstance(ov, Mapping):
-                raise ValueError(
-                    f"{path}.overrides must be a mapping {{pattern: {{...}}}}. Received: {ov!r}"
+            if tuple(self.block_size) != (1, 1):
+                raise RecipeError(
+                    "m_by_n",
+                    f"cannot be combined with block_size. Received: m_by_n={list(self.m_by_n)}, "
+                    f"block_size={list(self.block_size)}",
                 )
-            kw["overrides"] = {
-                str(k): LayerOverride.from_dict(v or {}, f"{path}.overrides.{k}")
-                for k, v in ov.items()
-            }
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            msg = str(e)
-            raise ValueError(msg if msg.startswith(path) else f"{path}.{msg}") from e
+
+    def criterion_options(self) -> dict:
+        """Extra `prune_low_magnitude` arguments of the criterion (none for magnitude)."""
+        return {}
 
 
+_MOVEMENT_DEFAULT = "null: keras_lean.sparsity.movement.DEFAULTS"
+
+
+@dataclasses.dataclass(frozen=True)
+class MovementOptions(PruningOptions):
+    """Options of the `movement` section: `PruningOptions` plus the learned scores'.
+
+    Attributes:
+        score_lr_multiplier: the scores learn at this multiple of the fine-tune learning rate
+            (> 0); null is the documented default (`keras_lean.sparsity.movement.DEFAULTS`).
+        score_init: `magnitude` (scores start at |w| / mean|w|) or `zeros` (the paper's);
+            null is the documented default.
+    """
+
+    score_lr_multiplier: float | None = option(
+        None, Optional(Float(gt=0)), f"scores' lr = this x the fine-tune lr ({_MOVEMENT_DEFAULT})"
+    )
+    score_init: str | None = option(
+        None, Optional(Choice("magnitude", "zeros")), f"magnitude | zeros ({_MOVEMENT_DEFAULT})"
+    )
+
+    def criterion_options(self) -> dict:
+        names = ("score_lr_multiplier", "score_init")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+#: Why an unstructured pruning method cannot be combined with these (the other side declares
+#: nothing: `Method.conflict_with` looks both ways).
+_CONFLICTS = {
+    "lottery": "lottery ticket search prunes by magnitude itself, in rounds",
+}
+
+
+@register_method
 class MagnitudeMethod(Method):
     """Gradual magnitude pruning (Zhu & Gupta, 2017), as TFMOT's `prune_low_magnitude`."""
 
@@ -349,47 +257,50 @@ class MagnitudeMethod(Method):
     order: ClassVar[int] = 30
     options_class: ClassVar[type] = PruningOptions
     criterion: ClassVar[str] = "magnitude"
+    conflicts: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {**_CONFLICTS, "movement": "both prune unstructured weights; choose one"}
+    )
+    guard_stageable: ClassVar[bool] = True
+    target_option: ClassVar[str | None] = "target_sparsity"
+    target_help: ClassVar[str] = "final fraction of zero weights in each pruned layer, in [0, 1)"
+    sweep_targets: ClassVar[tuple[float, ...]] = (0.5, 0.7, 0.8, 0.9)
+    state_attributes: ClassVar[tuple[str, ...]] = ("_steps", "_layers", "_final")
 
     def __init__(self, options: PruningOptions):
-        if not isinstance(options, PruningOptions):
-            raise TypeError(
-                f"{self.name} options must be PruningOptions. Received: {type(options).__name__}"
-            )
         super().__init__(options)
         self._steps: tuple[int, int, int] | None = None
         self._layers: dict[str, dict] = {}
         self._final: dict | None = None
 
     @classmethod
-    def check_combination(cls, names: list[str]) -> None:
-        others = [n for n in _PRUNING_METHODS if n != cls.name and n in names]
-        if others:
-            raise ValueError(
-                f"recipe.methods: {cls.name!r} and {others[0]!r} both prune unstructured "
-                f"weights; choose one."
+    def check_guard(cls, options: PruningOptions) -> None:
+        if options.m_by_n is not None:
+            raise RecipeError(
+                f"{cls.name}.m_by_n",
+                "cannot be combined with guard.stages (N:M fixes the sparsity at m/n). "
+                "Remove one of them.",
             )
-        for other, why in _CONFLICTS.items():
-            if other in names:
-                raise ValueError(
-                    f"recipe.methods: {cls.name!r} cannot be combined with {other!r}: {why}."
+        for pattern, override in options.overrides.items():
+            if override.target_sparsity is not None:
+                raise RecipeError(
+                    f"{cls.name}.overrides.{pattern}.target_sparsity",
+                    "cannot be combined with guard.stages, which replaces target_sparsity. "
+                    "Remove one of them.",
                 )
 
-    def _schedule(self, target: float, plan: FinetunePlan):
-        from keras_lean.sparsity.schedules import ConstantSparsity, PolynomialDecay
+    def stage(self, target: float, previous: float) -> Method:
+        """A copy pruning from `previous` to `target`: its schedule starts at `previous`."""
+        o = self.options
+        initial = min(max(previous, o.schedule.initial_sparsity), target)
+        schedule = dataclasses.replace(o.schedule, initial_sparsity=initial)
+        return type(self)(dataclasses.replace(o, target_sparsity=target, schedule=schedule))
 
-        begin, end, freq = self._steps or self.options.schedule.steps(plan.total_steps)
-        s = self.options.schedule
-        if s.kind == "constant":
-            return ConstantSparsity(target, begin_step=begin, end_step=end, frequency=freq)
-        initial = min(s.initial_sparsity, target)
-        return PolynomialDecay(
-            initial_sparsity=initial,
-            final_sparsity=target,
-            begin_step=begin,
-            end_step=end,
-            power=s.power,
-            frequency=freq,
-        )
+    def pruning_end_step(self, plan: FinetunePlan) -> int | None:
+        """The schedule's end step: the last mask update, which reaches `target_sparsity`."""
+        return self.options.schedule.steps(plan.total_steps)[1]
+
+    def _schedule(self, target: float, plan: FinetunePlan):
+        return self.options.schedule.build(target, plan, self._steps)
 
     def layer_settings(self, model: keras.Model, plan: FinetunePlan) -> dict[str, dict]:
         """Returns {layer name: prune_low_magnitude overrides} for the layers this recipe prunes.
@@ -403,20 +314,8 @@ class MagnitudeMethod(Method):
         o = self.options
         layers = list(_walk(model))
         names = [layer.name for layer in layers]
-        path = f"recipe.{self.name}"
-        for key, patterns in (("include", o.include), ("exclude", o.exclude)):
-            for p in patterns:
-                if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                    raise ValueError(
-                        f"{path}.{key}: pattern {p!r} matches no layer of the model. "
-                        f"Layers: {', '.join(names)}"
-                    )
-        for p in o.overrides:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise ValueError(
-                    f"{path}.overrides: pattern {p!r} matches no layer of the model. "
-                    f"Layers: {', '.join(names)}"
-                )
+        check_patterns(self.name, names, include=o.include, exclude=o.exclude)
+        check_patterns(self.name, names, overrides=tuple(o.overrides))
         chosen: dict[str, dict] = {}
         for layer in layers:
             n = layer.name
@@ -426,9 +325,10 @@ class MagnitudeMethod(Method):
                 continue
             if not is_prunable(layer):
                 if n in o.include:  # named explicitly, not through a wildcard
-                    raise ValueError(
-                        f"{path}.include names layer {n!r} of type {type(layer).__name__}, "
-                        f"which cannot be pruned."
+                    raise RecipeError(
+                        f"{self.name}.include",
+                        f"names layer {n!r} of type {type(layer).__name__}, which cannot be "
+                        f"pruned.",
                     )
                 continue
             settings = {
@@ -445,9 +345,10 @@ class MagnitudeMethod(Method):
                     break
             chosen[n] = settings
         if not chosen:
-            raise ValueError(
-                f"{path}: no prunable layer selected by include={list(o.include)}, "
-                f"exclude={list(o.exclude)}. Layers: {', '.join(names)}"
+            raise RecipeError(
+                self.name,
+                f"no prunable layer selected by include={list(o.include)}, "
+                f"exclude={list(o.exclude)}. Layers: {', '.join(names)}",
             )
         return chosen
 
@@ -471,6 +372,7 @@ class MagnitudeMethod(Method):
                 "block_size": tuple(s["block_size"]),
                 "block_pooling_type": s["block_pooling"],
                 "criterion": self.criterion,
+                **self.options.criterion_options(),
             }
 
         return prune_low_magnitude(model, filters=filters)
@@ -502,11 +404,39 @@ class MagnitudeMethod(Method):
         return out
 
 
+@register_method
 class MovementMethod(MagnitudeMethod):
-    """Movement pruning (Sanh et al., 2020): keep the weights moving away from zero."""
+    """Movement pruning (Sanh et al., 2020): top-k of scores learned straight-through."""
 
     name: ClassVar[str] = "movement"
+    options_class: ClassVar[type] = MovementOptions
     criterion: ClassVar[str] = "movement"
+    conflicts: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {**_CONFLICTS, "magnitude": "both prune unstructured weights; choose one"}
+    )
+
+    def __init__(self, options: PruningOptions):
+        if type(options) is PruningOptions:  # callers from before the movement options
+            shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+            options = self.options_class(**shared)
+        super().__init__(options)
+
+    def report(self) -> dict:
+        from keras_lean.sparsity.movement import MovementSettings
+
+        settings = MovementSettings.resolve(self.criterion, **self.options.criterion_options())
+        return {**super().report(), "movement": dataclasses.asdict(settings)}
+
+
+def check_patterns(method: str, names: list[str], **patterns: tuple[str, ...]) -> None:
+    """Raises RecipeError (`<method>.<key>`) for a layer-name pattern matching none of `names`."""
+    for key, values in patterns.items():
+        for p in values:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise RecipeError(
+                    f"{method}.{key}",
+                    f"pattern {p!r} matches no layer of the model. Layers: {', '.join(names)}",
+                )
 
 
 def _walk(model) -> list:

@@ -11,6 +11,7 @@ from keras_lean.pipeline.methods.magnitude import (
     PruningOptions,
     ScheduleOptions,
 )
+from keras_lean.pipeline.options import parse_section
 
 
 @pytest.mark.parametrize(
@@ -30,15 +31,15 @@ def test_schedule_steps_end_on_a_pruning_step(opts, total, expected):
 
 
 def test_options_validation():
-    with pytest.raises(ValueError, match=r"m_by_n must be \[m, n\] with 0 < m < n"):
+    with pytest.raises(ValueError, match=r"m_by_n: must be \[m, n\] with 0 < m < n"):
         PruningOptions(m_by_n=(4, 2))
-    with pytest.raises(ValueError, match="m_by_n and block_size cannot be combined"):
+    with pytest.raises(ValueError, match="m_by_n: cannot be combined with block_size"):
         PruningOptions(m_by_n=(2, 4), block_size=(1, 4))
-    with pytest.raises(ValueError, match=r"recipe\.magnitude\.block_size must be a pair of ints"):
-        PruningOptions.from_dict({"block_size": 4})
-    with pytest.raises(ValueError, match=r"recipe\.movement\.include must be a list"):
-        PruningOptions.from_dict({"include": 3}, path="recipe.movement")
-    with pytest.raises(ValueError, match=r"schedule\.begin must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"magnitude\.block_size: must be a pair of ints"):
+        parse_section(PruningOptions, {"block_size": 4}, "magnitude")
+    with pytest.raises(ValueError, match=r"movement\.include: must be a list"):
+        parse_section(PruningOptions, {"include": 3}, "movement")
+    with pytest.raises(ValueError, match=r"begin: must be in \[0, 1\]"):
         ScheduleOptions(begin=2.0, end=3.0)
     with pytest.raises(TypeError, match="magnitude options must be PruningOptions"):
         MagnitudeMethod({"target_sparsity": 0.5})
@@ -118,7 +119,9 @@ def test_prepare_fit_finalize_reaches_the_target(digits, method_cls):
 
 def test_check_combination():
     MagnitudeMethod.check_combination(["structured", "magnitude"])
-    with pytest.raises(ValueError, match="'movement' and 'magnitude' both prune"):
+    with pytest.raises(
+        ValueError, match="'movement' cannot be combined with 'magnitude': both prune"
+    ):
         MovementMethod.check_combination(["movement", "magnitude"])
     with pytest.raises(ValueError, match="cannot be combined with 'lottery'"):
         MagnitudeMethod.check_combination(["magnitude", "lottery"])

@@ -36,18 +36,26 @@ def test_options_defaults_and_round_trip():
     parsed = LowRankOptions.from_dict({"rank": 4, "filters": ["fc"]})
     assert parsed.filters == ("fc",)
     assert LowRankOptions.from_dict(parsed.to_dict()) == parsed
-    assert json.dumps(parsed.to_dict())
+    assert json.loads(json.dumps(parsed.to_dict())) == {
+        "version": 1,
+        "rank": 4,
+        "energy": 0.9,
+        "filters": ["fc"],
+    }
 
 
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"rnk": 4}, r"Unknown key lowrank.rnk. Allowed: version, rank, energy, filters"),
-        ({"rank": 0}, r"`lowrank.rank` must be a positive integer or null. Received: rank=0"),
-        ({"energy": 2}, r"`lowrank.energy` must be in \(0, 1\]. Received: energy=2"),
-        ({"filters": [1]}, r"`lowrank.filters` must be a list of regex strings"),
-        ({"version": 2}, r"`lowrank.version` must be 1"),
-        ([1, 2], r"`lowrank` must be a mapping of options"),
+        (
+            {"rnk": 4},
+            r"lowrank\.rnk: unknown key\. Allowed keys here: version, rank, energy, filters",
+        ),
+        ({"rank": 0}, r"lowrank\.rank: must be an int >= 1 or null\. Received: 0"),
+        ({"energy": 2}, r"lowrank\.energy: must be in \(0, 1\]\. Received: 2"),
+        ({"filters": [1]}, r"lowrank\.filters\[0\]: must be a string"),
+        ({"version": 2}, r"lowrank\.version: must be 1"),
+        ([1, 2], r"lowrank: must be a mapping of options"),
     ],
     ids=["unknown_key", "rank0", "energy", "filters", "version", "not_mapping"],
 )
@@ -66,14 +74,23 @@ def test_prepare_finetune_finalize(digits, tmp_path):
     assert isinstance(prepared.get_layer("fc1"), LowRankDense)
     assert isinstance(model.get_layer("fc1"), keras.layers.Dense)  # caller's model untouched
     assert method.callbacks(plan) == []
+    # The factors are the best rank-8 approximation of the kernel (Eckart-Young): the error is
+    # exactly the energy of the dropped singular values.
+    kernel = model.get_layer("fc1").kernel.numpy()
+    s = np.linalg.svd(kernel, compute_uv=False)
+    factors = prepared.get_layer("fc1").kernel.numpy()
+    np.testing.assert_allclose(
+        np.linalg.norm(kernel - factors), np.sqrt(np.sum(s[8:] ** 2)), rtol=1e-3
+    )
     prepared.compile("adam", "sparse_categorical_crossentropy")
-    history = prepared.fit(x_train[:128], y_train[:128], batch_size=32, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
+    history = prepared.fit(x_train[:128], y_train[:128], batch_size=32, epochs=2, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]
+    assert not np.allclose(prepared.get_layer("fc1").kernel.numpy(), factors)  # factors trained
     final = method.finalize(prepared)
     assert isinstance(final.get_layer("fc1"), LowRankDense)  # deployment form
     final.save(tmp_path / "final.keras")
     report = method.report()
-    json.dumps(report)
+    assert json.loads(json.dumps(report)) == report  # report.json holds it unchanged
     (entry,) = report["layers"]
     assert entry["path"] == "fc1" and entry["rank"] == 8 and entry["factorized"]
     assert report["params_after"] == 8 * (288 + 64) + 64

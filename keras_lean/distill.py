@@ -1,0 +1,356 @@
+"""Knowledge distillation: fine-tune a pruned / factorized / LoRA student on a teacher's outputs.
+
+Built on Keras' own `keras.distillation` API: `distill_fit` wraps the student and the teacher in a
+`keras.distillation.Distiller` and fits it, so the teacher's forward pass runs inside the same
+`fit` (an energy window around the fit counts it) and every keras_lean wrapper (pruning masks,
+LoRA, low-rank layers) trains as in a plain `fit`.
+
+The loss, with `alpha` and `temperature` (Hinton et al., 2015):
+
+    loss = (1 - alpha) * CE(y, student) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+where `t`, `s` are the teacher's and the student's logits. For models whose outputs are softmax
+probabilities (keras_lean's built-in classifiers), `log(p)` stands in for the logits: it differs
+from them by one constant per sample, which the softmax ignores, so the loss is the same.
+
+Example:
+    >>> from keras_lean.distill import DistillConfig, distill_fit
+    >>> result = distill_fit(pruned, baseline, x_train, y_train,
+    ...                      config=DistillConfig(alpha=0.7, temperature=4.0), epochs=3)
+    >>> result.history.history["distillation_loss"][-1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+# Floor of the probabilities before the log: small, so that the ranking of the wrong classes (the
+# "dark knowledge", often 1e-9 and below for a confident teacher) survives; float32 holds 1e-30.
+_EPS = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How the student learns from the teacher.
+
+    Attributes:
+        alpha: weight of the distillation term, in [0, 1]; the labels' cross-entropy gets
+            `1 - alpha` (0: no distillation, 1: the teacher's outputs only).
+        temperature: softmax temperature (> 0) applied to both models' logits; higher values
+            pass more of the teacher's ranking of the wrong classes. The KL term is scaled by
+            `temperature ** 2` so its gradients keep their size.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"alpha must be a number. Received: alpha={self.alpha!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1]. Received: alpha={self.alpha}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(
+                f"temperature must be a number. Received: temperature={self.temperature!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0. Received: temperature={self.temperature}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@keras.saving.register_keras_serializable(package="keras_lean")
+class ProbabilityDistillation(keras.distillation.LogitsDistillation):
+    """`LogitsDistillation` for models that output softmax probabilities.
+
+    `log(p)` equals the logits up to a per-sample constant, which the temperature softmax
+    cancels, so the KL term is the one `LogitsDistillation` computes on logits.
+
+    Args:
+        temperature: the softmax temperature (> 0).
+    """
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__(temperature=temperature, loss=keras.losses.KLDivergence())
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        def as_logits(p):
+            return keras.ops.log(keras.ops.clip(p, _EPS, 1.0))
+
+        return super().compute_loss(
+            keras.tree.map_structure(as_logits, teacher_outputs),
+            keras.tree.map_structure(as_logits, student_outputs),
+            **kwargs,
+        )
+
+    def get_config(self) -> dict:
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ProbabilityDistillation:
+        return cls(**config)
+
+
+def distillation_loss(config: DistillConfig, *, from_logits: bool):
+    """The `keras.distillation` loss for `config`: `LogitsDistillation` on logits, else
+    `ProbabilityDistillation`."""
+    if from_logits:
+        # A KLDivergence *instance*: Keras 3.15 resolves the string "kl_divergence" (the default)
+        # to the bare function, which skips the temperature softmax and takes KL of raw logits.
+        return keras.distillation.LogitsDistillation(
+            temperature=float(config.temperature), loss=keras.losses.KLDivergence()
+        )
+    return ProbabilityDistillation(temperature=float(config.temperature))
+
+
+def outputs_are_probabilities(model: keras.Model, x: Any) -> bool:
+    """True when `model`'s outputs on a few samples of `x` are rows that sum to one in [0, 1]."""
+    out = np.asarray(model.predict(x[:64], verbose=0), dtype="float64")
+    return bool(
+        np.all(out >= -1e-6) and np.all(out <= 1 + 1e-6) and np.allclose(out.sum(-1), 1, atol=1e-3)
+    )
+
+
+def make_distiller(
+    student: keras.Model,
+    teacher: keras.Model,
+    config: DistillConfig,
+    *,
+    from_logits: bool,
+) -> keras.distillation.Distiller:
+    """A `keras.distillation.Distiller` over `student` and `teacher` (not compiled).
+
+    Keras' `Distiller` sets `teacher.trainable = False`; `distill_fit` restores it afterwards.
+
+    Raises:
+        TypeError: `config` is not a `DistillConfig`.
+        ValueError: the models' inputs or outputs differ in shape or dtype (Keras' check).
+    """
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig. Received: {type(config).__name__}")
+    return keras.distillation.Distiller(
+        teacher=teacher,
+        student=student,
+        distillation_losses=distillation_loss(config, from_logits=from_logits),
+        student_loss_weight=1.0 - float(config.alpha),
+        name=f"distill_{student.name}",
+    )
+
+
+def compile_distiller(
+    student: keras.Model,
+    teacher: keras.Model,
+    config: DistillConfig,
+    *,
+    from_logits: bool,
+    optimizer: Any = "adam",
+    loss: Any = None,
+    metrics: Sequence[Any] = ("accuracy",),
+    jit_compile: Any = "auto",
+) -> keras.distillation.Distiller:
+    """A compiled `Distiller`, ready for `fit`; the student is compiled with the same optimizer.
+
+    Compiling the student too means that saving it (a checkpoint callback saves the student,
+    not the distiller) keeps the optimizer's state, so a resumed fit continues exactly; pass
+    that restored `student.optimizer` back as `optimizer` to resume.
+
+    Args:
+        student: the model to train.
+        teacher: the frozen reference.
+        config: alpha and temperature.
+        from_logits: the models output logits (True) or probabilities (False).
+        optimizer: name or instance, shared by the distiller and the student.
+        loss: the labels' loss (default sparse categorical cross-entropy).
+        metrics: metrics on the student's outputs.
+        jit_compile: passed to the distiller's `compile`.
+
+    Returns:
+        The `keras.distillation.Distiller`; Keras has set `teacher.trainable = False`.
+    """
+    loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    optimizer = keras.optimizers.get(optimizer)
+    distiller = make_distiller(student, teacher, config, from_logits=from_logits)
+    distiller.compile(
+        optimizer=optimizer, loss=loss, metrics=list(metrics), jit_compile=jit_compile
+    )
+    student.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    return distiller
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What `distill_fit` ran.
+
+    Attributes:
+        student: the student, trained in place (the same object that was passed).
+        history: the `History` of the fit (losses `student_loss`, `distillation_loss`,
+            `total_loss`, and the metrics).
+        config: the distillation settings.
+        from_logits: whether the outputs were treated as logits.
+        teacher_forward_flops: the teacher's forward FLOPs per sample (None when the counter
+            cannot count it); one teacher forward pass runs per training sample.
+        samples_seen: training samples the fit ran (epochs x samples), when known.
+    """
+
+    student: keras.Model
+    history: Any
+    config: DistillConfig
+    from_logits: bool
+    teacher_forward_flops: int | None = None
+    samples_seen: int | None = None
+
+    @property
+    def teacher_flops(self) -> float | None:
+        """FLOPs the teacher spent in the fit (forward passes only)."""
+        if self.teacher_forward_flops is None or self.samples_seen is None:
+            return None
+        return float(self.teacher_forward_flops) * self.samples_seen
+
+    def to_dict(self) -> dict:
+        return {
+            **self.config.to_dict(),
+            "from_logits": self.from_logits,
+            "teacher_forward_flops": self.teacher_forward_flops,
+            "samples_seen": self.samples_seen,
+            "teacher_flops": self.teacher_flops,
+        }
+
+
+def teacher_forward_flops(teacher: keras.Model) -> int | None:
+    """The teacher's forward FLOPs per sample, or None when keras_lean's counter cannot count it."""
+    try:
+        from keras_lean.flops import count_flops
+
+        return int(count_flops(teacher).total)
+    except Exception:  # an exotic layer the counter rejects must not stop the distillation
+        return None
+
+
+def distill_fit(
+    student: keras.Model,
+    teacher: keras.Model,
+    x: Any,
+    y: Any = None,
+    *,
+    config: DistillConfig | None = None,
+    from_logits: bool | None = None,
+    optimizer: Any = "adam",
+    loss: Any = None,
+    metrics: Sequence[Any] = ("accuracy",),
+    jit_compile: Any = "auto",
+    **fit_kwargs: Any,
+) -> DistillResult:
+    """Fits `student` on the labels and on `teacher`'s outputs, in one Keras `fit`.
+
+    The student is trained in place, as `student.fit` would; the teacher is frozen during the
+    fit and its `trainable` flag restored after.
+
+    Args:
+        student: the model to train (pruned, factorized, LoRA-wrapped, ...).
+        teacher: the trained reference (typically the baseline) with the same inputs and output
+            shape.
+        x: training inputs (array, dict of arrays or a `tf.data.Dataset` of (x, y)).
+        y: integer labels (None when `x` is a dataset).
+        config: `DistillConfig` (default alpha 0.5, temperature 4).
+        from_logits: the models output logits (True) or softmax probabilities (False); None:
+            look at the teacher's outputs on the first samples of `x` (arrays only).
+        optimizer: the student's optimizer (name or instance).
+        loss: the labels' loss (default sparse categorical cross-entropy, `from_logits`).
+        metrics: metrics on the student's outputs.
+        jit_compile: passed to `compile`.
+        **fit_kwargs: passed to `fit` (`epochs`, `batch_size`, `callbacks`,
+            `validation_data`, ...).
+
+    Returns:
+        A `DistillResult`.
+
+    Raises:
+        TypeError: `student` or `teacher` is not a Keras model, or `config` is not a
+            `DistillConfig`.
+        ValueError: `from_logits=None` with dataset inputs, or incompatible models.
+    """
+    for name, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, keras.Model):
+            raise TypeError(f"{name} must be a keras.Model. Received: {type(m).__name__}")
+    config = DistillConfig() if config is None else config
+    if from_logits is None:
+        if not isinstance(x, np.ndarray):
+            raise ValueError(
+                "from_logits=None can only be detected from array inputs; pass from_logits=True "
+                "(the models output logits) or False (softmax probabilities)."
+            )
+        from_logits = not outputs_are_probabilities(teacher, x)
+    was_trainable = teacher.trainable
+    try:
+        distiller = compile_distiller(
+            student,
+            teacher,
+            config,
+            from_logits=from_logits,
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            jit_compile=jit_compile,
+        )
+        history = distiller.fit(x, y, **fit_kwargs)
+    finally:
+        teacher.trainable = was_trainable
+    epochs = len(history.epoch) if history is not None else 0
+    samples = None
+    if isinstance(x, np.ndarray):
+        kept = 1.0 - float(fit_kwargs.get("validation_split") or 0.0)
+        samples = int(epochs * int(len(x) * kept))
+    return DistillResult(
+        student=student,
+        history=history,
+        config=config,
+        from_logits=bool(from_logits),
+        teacher_forward_flops=teacher_forward_flops(teacher),
+        samples_seen=samples,
+    )
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A teacher bound to its settings, for a training loop that fits many times (stages,
+    segments, resumes): each `compile(student, ...)` gives a fresh compiled `Distiller`.
+
+    Attributes:
+        model: the teacher model (frozen while a distiller over it trains).
+        config: alpha and temperature.
+        from_logits: the models output logits (True) or softmax probabilities (False).
+        source: where the teacher came from (e.g. `"baseline"`), for reports.
+    """
+
+    model: keras.Model
+    config: DistillConfig
+    from_logits: bool
+    source: str = "teacher"
+    _flops: list = dataclasses.field(default_factory=list, init=False, repr=False)
+
+    def compile(self, student: keras.Model, **kwargs: Any) -> keras.distillation.Distiller:
+        """`compile_distiller(student, self.model, self.config, from_logits=..., **kwargs)`."""
+        return compile_distiller(
+            student, self.model, self.config, from_logits=self.from_logits, **kwargs
+        )
+
+    @property
+    def forward_flops(self) -> int | None:
+        """The teacher's forward FLOPs per sample (counted once), or None."""
+        if not self._flops:  # counted on first use: [flops or None]
+            self._flops.append(teacher_forward_flops(self.model))
+        return self._flops[0]
+
+    def to_dict(self) -> dict:
+        return {
+            "teacher": self.source,
+            **self.config.to_dict(),
+            "from_logits": self.from_logits,
+            "teacher_forward_flops": self.forward_flops,
+        }

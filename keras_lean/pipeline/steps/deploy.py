@@ -1,0 +1,242 @@
+"""Step 5: finalize (strip wrappers, shrink, merge), export SavedModel and TFLite, check them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from keras_lean.pipeline.models import load_model
+from keras_lean.pipeline.recipe import ExportOptions, load_recipe
+from keras_lean.pipeline.rundir import (
+    RunDir,
+    atomic_directory,
+    atomic_write_json,
+    save_model_atomic,
+)
+from keras_lean.pipeline.steps.common import (
+    StageResult,
+    as_run,
+    evaluate,
+    finalize_chain,
+    jsonable,
+    load_method_states,
+    load_run_data,
+    stage_result,
+)
+from keras_lean.pipeline.steps.precision import as_float32
+from keras_lean.pipeline.steps.stage import StageRecorder, _stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+
+def deploy(
+    out: str | os.PathLike | RunDir,
+    *,
+    quantization: str | None = None,
+    data: str | os.PathLike | None = None,
+    val_split: float | None = None,
+) -> StageResult:
+    """Step 5: finalizes (strips wrappers, ...), exports SavedModel and TFLite, checks them.
+
+    Writes `RUN/export/` in one rename: `model.keras` (the plain deployable model),
+    `model_saved_model/`, `model.tflite`, `baseline.tflite` (same settings, for the size ratio),
+    and `deploy.json` (sizes, max abs diff of TFLite vs Keras, accuracies, latency, and every
+    equivalence check). With `export.sparse_tflite`, `model.tflite` stores sparse tensors and
+    `model_dense.tflite` is the dense-format file it is checked against (sizes, latencies and
+    a note on what the runtime gains go to `deploy.json`); with `export.keras_quantization`,
+    `model_<mode>.keras` is Keras' own quantization of the model, measured the same way. Each method
+    first reads back what it learned at finetune (`Method.load_state` from `RUN/methods/`), so
+    its deploy report holds that too (lottery rounds, structured widths, schedules).
+
+    Args:
+        out: the run folder (must hold `finetuned.keras` and `recipe.yaml`).
+        quantization: override the recipe's `export.quantization`.
+        data: override the run's data.
+        val_split: override the run's validation split.
+
+    Returns:
+        A `StageResult` (artifacts `export`, `saved_model`, `tflite`, `keras`).
+
+    Raises:
+        MissingStepError: an input is missing.
+        ValueError: an invalid quantization.
+    """
+    run = as_run(out)
+    run.require(run.finetuned, for_step="deploy")
+    run.require(run.recipe, for_step="deploy")
+    rec = load_recipe(run.recipe)
+    opts: ExportOptions = rec.export
+    if quantization is not None:
+        opts = dataclasses.replace(opts, quantization=quantization)
+    opts, skipped = _formats_for_backend(opts)
+    manifest = run.read_manifest()
+    ds = load_run_data(manifest, data, val_split)
+    methods = rec.ordered_methods()
+    load_method_states(run, methods)
+    with _stage(run, "deploy", manifest) as stage:
+        model = as_float32(finalize_chain(load_model(run.finetuned), methods))
+        check_no_wrappers(model)
+        folded: tuple[str, ...] = ()
+        if opts.fold_batchnorm:
+            from keras_lean.export import fold_batchnorm
+
+            model, folded = fold_batchnorm(model)
+        reports = {m.name: m.report() for m in methods}
+        report = _export(run, model, ds, opts, reports, folded, stage, skipped)
+        stage.accuracy = (
+            report.tflite_accuracy if report.tflite_accuracy is not None else evaluate(model, ds)
+        )
+        stage.params = report.params
+        stage.nonzero_params = report.nonzero_params
+        stage.gzip_bytes = (
+            report.tflite_gzip_bytes
+            if report.tflite_gzip_bytes is not None
+            else report.weights_gzip_bytes
+        )
+    artifacts = {"export": str(run.export_dir), "keras": str(run.export_dir / "model.keras")}
+    if "saved_model" in opts.formats:
+        artifacts["saved_model"] = str(run.export_dir / "model_saved_model")
+    if "tflite" in opts.formats:
+        artifacts["tflite"] = str(run.export_dir / "model.tflite")
+    return stage_result("deploy", stage, artifacts)
+
+
+def _sparse_tflite(opts: ExportOptions, model: keras.Model) -> bool:
+    """`export.sparse_tflite`: on, off, or auto (when enough of the weights are zero and the
+    quantization keeps sparse storage runnable: not `dynamic`)."""
+    if opts.sparse_tflite != "auto":
+        return opts.sparse_tflite == "on"  # `on` with `dynamic`: the export says why it cannot
+    from keras_lean.export import SPARSE_QUANTIZATIONS, weight_sizes
+    from keras_lean.pipeline.recipe import SPARSE_TFLITE_AUTO
+
+    if opts.quantization not in SPARSE_QUANTIZATIONS:
+        return False
+    return weight_sizes(model).sparsity >= SPARSE_TFLITE_AUTO
+
+
+def _keras_quantization(model, ds, opts: ExportOptions, tmp: Path, final: Path) -> dict | None:
+    """`export.keras_quantization`: Keras' own `Model.quantize` of the artifact, measured."""
+    if opts.keras_quantization == "none":
+        return None
+    from keras_lean.export import quantize_keras_artifact
+
+    mode = opts.keras_quantization
+    rep = quantize_keras_artifact(
+        model,
+        tmp / f"model_{mode}.keras",
+        mode,
+        check_x=ds.x_val,
+        check_y=ds.y_val,
+        float_path=tmp / "model.keras",
+    )
+    return _relative(rep.to_dict(), tmp, final)
+
+
+def _baseline_ratios(run, report, baseline_report, opts: ExportOptions, tmp: Path) -> dict:
+    """Size ratios (deployed / baseline) vs the baseline at the same settings and, when the
+    export is quantized, vs the float baseline's `.tflite` (what the size targets compare to)."""
+    from keras_lean.export import convert_to_tflite, file_sizes
+
+    out = {
+        "tflite_gzip_ratio": report.tflite_gzip_bytes / baseline_report.tflite_gzip_bytes,
+        "tflite_raw_ratio": report.tflite_raw_bytes / baseline_report.tflite_raw_bytes,
+    }
+    raw, gz = baseline_report.tflite_raw_bytes, baseline_report.tflite_gzip_bytes
+    if opts.quantization != "none":
+        path = convert_to_tflite(load_model(run.baseline), tmp / "baseline_float.tflite")
+        raw, gz = file_sizes(path)
+    out["float_baseline_tflite"] = {"raw_bytes": raw, "gzip_bytes": gz}
+    out["tflite_raw_ratio_vs_float_baseline"] = report.tflite_raw_bytes / raw
+    out["tflite_gzip_ratio_vs_float_baseline"] = report.tflite_gzip_bytes / gz
+    return out
+
+
+def _formats_for_backend(opts: ExportOptions) -> tuple[ExportOptions, dict[str, str]]:
+    """Drops the formats Keras cannot export under this backend; says why (deploy.json)."""
+    from keras_lean import _backend
+
+    if _backend.name() == "tensorflow" or "tflite" not in opts.formats:
+        return opts, {}
+    reason = (
+        f"needs the TensorFlow backend (Keras' LiteRT export does not run under "
+        f"{_backend.name()}): run `KERAS_BACKEND=tensorflow keras-lean deploy --out RUN`"
+    )
+    kept = tuple(f for f in opts.formats if f != "tflite")
+    if not kept:
+        raise ValueError(f"export.formats: tflite {reason}.")
+    return dataclasses.replace(opts, formats=kept), {"tflite": reason}
+
+
+def _export(
+    run, model, ds, opts: ExportOptions, method_reports, folded, stage: StageRecorder, skipped=None
+):
+    """Writes `RUN/export/` in one rename; fills `stage.details`; returns the `ExportReport`."""
+    from keras_lean.export import export_model
+
+    common = dict(
+        quantization=opts.quantization,
+        calibration_x=ds.x_train[: opts.calibration_samples],
+        check_x=ds.x_val,
+        check_y=ds.y_val,
+        latency_batch_size=opts.latency_batch_size,
+        latency_runs=opts.latency_runs,
+    )
+    with atomic_directory(run.export_dir) as tmp:
+        save_model_atomic(model, tmp / "model.keras")
+        sparse = "tflite" in opts.formats and _sparse_tflite(opts, model)
+        report = export_model(
+            model, tmp, name="model", formats=opts.formats, sparse=sparse, **common
+        )
+        baseline_report = None
+        if opts.compare_baseline and "tflite" in opts.formats and run.baseline.exists():
+            baseline_report = export_model(
+                load_model(run.baseline), tmp, name="baseline", formats=("tflite",), **common
+            )
+        details = {
+            "export": _relative(report.to_dict(), tmp, run.export_dir),
+            "methods": method_reports,
+            "folded_batchnorm": list(folded),
+            "equivalence_passed": report.equivalence_passed,
+        }
+        if skipped:
+            details["formats_skipped"] = dict(skipped)
+        keras_q = _keras_quantization(model, ds, opts, tmp, run.export_dir)
+        if keras_q is not None:
+            details["keras_quantization"] = keras_q
+        if baseline_report is not None:
+            details["baseline_export"] = _relative(baseline_report.to_dict(), tmp, run.export_dir)
+            details.update(_baseline_ratios(run, report, baseline_report, opts, tmp))
+        details = jsonable(details)
+        atomic_write_json(tmp / "deploy.json", details)
+    stage.details = details
+    return report
+
+
+def check_no_wrappers(model: keras.Model) -> None:
+    """Raises ValueError when the finalize chain left a `PruneLowMagnitude` wrapper behind."""
+    from keras_lean.sparsity import PruneLowMagnitude
+
+    def walk(m):
+        for layer in m.layers:
+            if isinstance(layer, PruneLowMagnitude):
+                raise ValueError(
+                    f"deploy: layer {layer.name!r} is still wrapped in PruneLowMagnitude after "
+                    f"the methods' finalize chain."
+                )
+            if hasattr(layer, "layers"):
+                walk(layer)
+
+    walk(model)
+
+
+def _relative(d: dict, tmp: Path, final: Path) -> dict:
+    """Rewrites paths inside the temporary export folder to their final location."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, str) and v.startswith(str(tmp)):
+            v = str(final) + v[len(str(tmp)) :]
+        out[k] = v
+    return out

@@ -1,0 +1,274 @@
+"""Deployment benchmark: what each saving weighs in the deployed file; what distillation recovers.
+
+On the pipeline's digits CNN (`keras_lean.pipeline.models.build_model("cnn")`, digits split as
+`keras-lean` splits them), per seed:
+
+1. Baseline: trained; its float `.tflite` is the reference of every size ratio below.
+2. Magnitude pruning (`--sparsity`, default 80 %) during fine-tuning, stripped, exported as int8
+   TFLite twice: dense format (zeros stored) and sparse storage
+   (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY` + DEFAULT). Prints raw and gzip ratios vs the float
+   baseline's file (targets: raw >= 5x, gzip >= 10.2x, TFMOT's figure), the int8 accuracy vs the
+   float pruned model (target: within 0.5 point), that the sparse file computes exactly what the
+   dense-format file does, and how far the sparse format's index arrays are from the entropy
+   bound (n * H(density) bits for the positions).
+3. Structured pruning (`--ratio`, default 70 % of the channels, L1, one-shot) fine-tuned for the
+   same epochs twice, on the labels alone and distilled from the baseline (`keras_lean.distill`,
+   `--alpha`, `--temperature`). Prints the accuracy each reaches, the share of the lost accuracy
+   distillation recovers (target >= 1/2), and for the distilled model as int8 TFLite: raw size
+   ratio vs the float baseline's file (target >= 20x), latency at batch 1 and 32 against the
+   float baseline's `.tflite` (target: faster at both), accuracy vs the baseline (target: within
+   1 point). Also the Keras-native int8 `.keras` (`Model.quantize`) of the same model.
+
+Timings are medians of `--runs` calls after a warm-up, on a shared machine: read them as rough.
+
+Run: `python scripts/bench_deploy.py` (defaults: seeds 0 1, 20 baseline epochs, 10 fine-tune
+epochs; about 4 minutes on 2 CPU cores); `--quick` for a smoke run (one seed, fewer epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_lean.distill import DistillConfig, distill_fit  # noqa: E402
+from keras_lean.export import (  # noqa: E402
+    TFLiteRunner,
+    compare_outputs,
+    convert_to_tflite,
+    file_sizes,
+    measure_latency_ms,
+    quantize_keras_artifact,
+    sparse_storage,
+)
+from keras_lean.pipeline.data import load_data  # noqa: E402
+from keras_lean.pipeline.models import build_model  # noqa: E402
+from keras_lean.sparsity import prune_low_magnitude, strip_pruning  # noqa: E402
+from keras_lean.sparsity.schedules import PolynomialDecay  # noqa: E402
+from keras_lean.structured import prune_structured  # noqa: E402
+
+TFMOT_GZIP_RATIO = 10.2  # TFMOT's own prune + int8 flow on this task (issue 16)
+
+
+def _compile(model: keras.Model, lr: float) -> keras.Model:
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _accuracy(fn, x, y) -> float:
+    out = fn.predict(x, verbose=0) if hasattr(fn, "predict") else fn(x)
+    return float(np.mean(np.asarray(out).argmax(-1) == y))
+
+
+def _tflite(model, path, quantization, calib, sparse=False):
+    return convert_to_tflite(
+        model, path, quantization=quantization, calibration_x=calib, sparse=sparse
+    )
+
+
+def _latency(path, x, runs: int) -> dict[int, float]:
+    runner = TFLiteRunner(path)
+    return {b: measure_latency_ms(runner, np.resize(x, (b, *x.shape[1:])), runs) for b in (1, 32)}
+
+
+def magnitude(base, d, out, seed, args, ref_raw, ref_gz) -> dict:
+    keras.utils.set_random_seed(seed)
+    steps = int(np.ceil(len(d.x_train) / 32)) * args.finetune_epochs
+    end = max(10, int(steps * 0.6) // 10 * 10)
+    schedule = PolynomialDecay(0.0, args.sparsity, begin_step=0, end_step=end, frequency=10)
+    masked = _compile(prune_low_magnitude(base, schedule), 5e-4)
+    masked.fit(d.x_train, d.y_train, batch_size=32, epochs=args.finetune_epochs, verbose=0)
+    pruned = strip_pruning(masked)
+    calib = d.x_train[:200]
+    dense = _tflite(pruned, out / f"mag{seed}_int8_dense.tflite", "int8", calib)
+    sparse = _tflite(pruned, out / f"mag{seed}_int8_sparse.tflite", "int8", calib, sparse=True)
+    vs_dense = compare_outputs(TFLiteRunner(dense), TFLiteRunner(sparse), d.x_val, d.y_val)
+    storage = sparse_storage(sparse)
+    (d_raw, d_gz), (s_raw, s_gz) = file_sizes(dense), file_sizes(sparse)
+    float_acc = _accuracy(pruned, d.x_val, d.y_val)
+    return {
+        "float_acc": float_acc,
+        "int8_acc": vs_dense.candidate_accuracy,
+        "dense_raw_ratio": ref_raw / d_raw,
+        "sparse_raw_ratio": ref_raw / s_raw,
+        "dense_gzip_ratio": ref_gz / d_gz,
+        "sparse_gzip_ratio": ref_gz / s_gz,
+        "sparse_vs_dense": vs_dense.max_abs_diff,
+        "storage": storage,
+        "sizes": (d_raw, d_gz, s_raw, s_gz),
+        "latency_dense": _latency(dense, d.x_val, args.runs),
+        "latency_sparse": _latency(sparse, d.x_val, args.runs),
+    }
+
+
+def structured(base, d, out, seed, args, ref_raw, ref_latency) -> dict:
+    cfg = DistillConfig(alpha=args.alpha, temperature=args.temperature)
+    pruned = prune_structured(base, args.ratio, "l1")
+    acc_oneshot = _accuracy(pruned, d.x_val, d.y_val)
+    keras.utils.set_random_seed(seed)
+    plain = _compile(keras.models.clone_model(pruned), 5e-4)
+    plain.set_weights(pruned.get_weights())
+    plain.fit(d.x_train, d.y_train, batch_size=32, epochs=args.finetune_epochs, verbose=0)
+    keras.utils.set_random_seed(seed)
+    student = prune_structured(base, args.ratio, "l1")
+    distill_fit(
+        student,
+        base,
+        d.x_train,
+        d.y_train,
+        config=cfg,
+        optimizer=keras.optimizers.Adam(5e-4),
+        epochs=args.finetune_epochs,
+        batch_size=32,
+        verbose=0,
+    )
+    path = _tflite(student, out / f"struct{seed}_int8.tflite", "int8", d.x_train[:200])
+    lat = _latency(path, d.x_val, args.runs)
+    kq = quantize_keras_artifact(
+        student, out / f"struct{seed}_int8.keras", "int8", check_x=d.x_val, check_y=d.y_val
+    )
+    return {
+        "acc_oneshot": acc_oneshot,
+        "acc_plain": _accuracy(plain, d.x_val, d.y_val),
+        "acc_distilled": _accuracy(student, d.x_val, d.y_val),
+        "acc_int8": _accuracy(TFLiteRunner(path), d.x_val, d.y_val),
+        "raw_ratio": ref_raw / file_sizes(path)[0],
+        "speedup": {b: ref_latency[b] / lat[b] for b in lat},
+        "latency": lat,
+        "keras_int8": kq,
+    }
+
+
+def run_seed(seed: int, args, d, out) -> tuple[dict, dict, dict]:
+    keras.utils.set_random_seed(seed)
+    base = _compile(build_model("cnn", d.x_train.shape[1:], d.num_classes), 1e-3)
+    base.fit(d.x_train, d.y_train, batch_size=32, epochs=args.epochs, verbose=0)
+    ref = _tflite(base, out / f"base{seed}.tflite", "none", None)
+    ref_raw, ref_gz = file_sizes(ref)
+    ref_latency = _latency(ref, d.x_val, args.runs)
+    b = {
+        "acc": _accuracy(base, d.x_val, d.y_val),
+        "raw": ref_raw,
+        "gz": ref_gz,
+        "latency": ref_latency,
+    }
+    m = magnitude(base, d, out, seed, args, ref_raw, ref_gz)
+    s = structured(base, d, out, seed, args, ref_raw, ref_latency)
+    return b, m, s
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def report(seed: int, b: dict, m: dict, s: dict, args) -> dict:
+    st = m["storage"]
+    print(f"\n== seed {seed}: baseline accuracy {b['acc']:.4f}, float .tflite {b['raw']:,} B raw")
+    lat = b["latency"]
+    print(f"   ({b['gz']:,} B gzip), latency b1 {lat[1]:.3f} ms b32 {lat[32]:.3f} ms")
+    d_raw, d_gz, s_raw, s_gz = m["sizes"]
+    drop = 100 * (m["float_acc"] - m["int8_acc"])
+    print(f"-- magnitude {args.sparsity:.0%} + int8 (float pruned accuracy {m['float_acc']:.4f})")
+    print(
+        f"   dense format : {d_raw:>8,} B raw ({m['dense_raw_ratio']:.2f}x)  "
+        f"{d_gz:>8,} B gzip ({m['dense_gzip_ratio']:.2f}x)"
+    )
+    print(
+        f"   sparse format: {s_raw:>8,} B raw ({m['sparse_raw_ratio']:.2f}x, target >= 5x: "
+        f"{_ok(m['sparse_raw_ratio'] >= 5)})  {s_gz:>8,} B gzip ({m['sparse_gzip_ratio']:.2f}x)"
+    )
+    best_gz = max(m["dense_gzip_ratio"], m["sparse_gzip_ratio"])
+    print(
+        f"   best gzip ratio {best_gz:.2f}x (TFMOT {TFMOT_GZIP_RATIO}x: "
+        f"{_ok(best_gz >= TFMOT_GZIP_RATIO)}); int8 accuracy {m['int8_acc']:.4f}, "
+        f"{drop:+.2f} pt vs float pruned (target <= 0.5: {_ok(drop <= 0.5)})"
+    )
+    print(f"   sparse vs dense-format outputs: max |diff| {m['sparse_vs_dense']:.3g}")
+    print(
+        f"   sparse tensors: values {st.values_bytes:,} B + index {st.index_bytes:,} B; position "
+        f"entropy bound {st.position_entropy_bytes:,.0f} B -> index overhead "
+        f"{st.index_overhead_bytes:,.0f} B ({st.index_bytes / st.position_entropy_bytes:.2f}x "
+        f"the bound); values+bound {st.entropy_bound_bytes:,.0f} B vs stored "
+        f"{st.values_bytes + st.index_bytes:,} B"
+    )
+    ld, ls = m["latency_dense"], m["latency_sparse"]
+    print(
+        f"   latency dense/sparse b1 {ld[1]:.3f}/{ls[1]:.3f} ms, b32 {ld[32]:.3f}/{ls[32]:.3f} ms;"
+        f" {st.densify_ops} DENSIFY ops: the runtime expands the weights at load (no speed-up)"
+    )
+    lost = s["acc_oneshot"], b["acc"] - s["acc_plain"], b["acc"] - s["acc_distilled"]
+    recovered = (s["acc_distilled"] - s["acc_plain"]) / lost[1] if lost[1] > 0 else float("nan")
+    print(f"-- structured {args.ratio:.0%} (one-shot {lost[0]:.4f}), {args.finetune_epochs} epochs")
+    print(
+        f"   labels only {s['acc_plain']:.4f} ({-100 * lost[1]:+.2f} pt)  distilled "
+        f"{s['acc_distilled']:.4f} ({-100 * lost[2]:+.2f} pt)  recovered {recovered:.0%} "
+        f"of the loss (target >= 50 %: {_ok(recovered >= 0.5 or lost[1] <= 0)})"
+    )
+    drop = 100 * (b["acc"] - s["acc_int8"])
+    print(
+        f"   int8 .tflite: {s['raw_ratio']:.2f}x smaller raw (target >= 20x: "
+        f"{_ok(s['raw_ratio'] >= 20)}), accuracy {s['acc_int8']:.4f} ({-drop:+.2f} pt vs "
+        f"baseline, target within 1: {_ok(drop <= 1)})"
+    )
+    sp = s["speedup"]
+    print(
+        f"   latency b1 {s['latency'][1]:.3f} ms ({sp[1]:.2f}x faster), b32 "
+        f"{s['latency'][32]:.3f} ms ({sp[32]:.2f}x faster) (target > 1x: "
+        f"{_ok(sp[1] > 1 and sp[32] > 1)})"
+    )
+    kq = s["keras_int8"]
+    print(
+        f"   Keras-native int8 .keras: {kq.raw_bytes:,} B vs float {kq.float_raw_bytes:,} B "
+        f"({kq.size_ratio:.2f}x), accuracy {kq.accuracy:.4f} vs {kq.float_accuracy:.4f}, "
+        f"layers {', '.join(kq.quantized_layers)}"
+    )
+    return {"recovered": recovered}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer epochs and runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=20, help="baseline epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--sparsity", type=float, default=0.8, help="magnitude target")
+    parser.add_argument("--ratio", type=float, default=0.7, help="structured channel ratio")
+    parser.add_argument("--alpha", type=float, default=0.5, help="distillation weight")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=50, help="timed calls per latency")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.finetune_epochs, args.runs = args.seeds[:1], 8, 4, 20
+    warnings.filterwarnings("ignore", category=UserWarning)
+    d = load_data("digits")
+    print(
+        f"digits: {len(d.x_train)} train / {len(d.x_val)} val samples; baseline {args.epochs} "
+        f"epochs, fine-tune {args.finetune_epochs} epochs; seeds {args.seeds}"
+    )
+    recovered = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from pathlib import Path
+
+        for seed in args.seeds:
+            b, m, s = run_seed(seed, args, d, Path(tmp))
+            recovered.append(report(seed, b, m, s, args)["recovered"])
+    if len(recovered) > 1:
+        print(
+            f"\ndistillation recovered, per seed: {', '.join(f'{r:.0%}' for r in recovered)} "
+            f"(median {statistics.median(recovered):.0%})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The `movement` and `soft_movement` recipe methods: options, combinations, guard, sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from keras_lean.pipeline.methods import FinetunePlan, get_method_class
+from keras_lean.pipeline.methods.base import Data
+from keras_lean.pipeline.methods.magnitude import MovementMethod, MovementOptions
+from keras_lean.pipeline.methods.soft_movement import SoftMovementMethod, SoftMovementOptions
+from keras_lean.pipeline.models import build_model
+from keras_lean.pipeline.recipe import Recipe, RecipeError
+from keras_lean.pipeline.sweep import default_methods, sweep_points
+
+
+def test_recipe_parses_both_movement_variants():
+    recipe = Recipe.from_dict(
+        {
+            "version": 1,
+            "methods": ["soft_movement"],
+            "soft_movement": {"threshold": 0.2, "l1_coefficient": 3, "score_lr_multiplier": 50},
+        }
+    )
+    options = recipe.method_options["soft_movement"]
+    assert isinstance(options, SoftMovementOptions)
+    assert options.criterion_options() == {
+        "score_lr_multiplier": 50.0,
+        "threshold": 0.2,
+        "l1_coefficient": 3.0,
+    }
+    hard = Recipe.from_dict(
+        {"version": 1, "methods": ["movement"], "movement": {"score_init": "zeros"}}
+    )
+    assert hard.method_options["movement"].criterion_options() == {"score_init": "zeros"}
+    assert MovementOptions().criterion_options() == {}
+    assert get_method_class("soft_movement") is SoftMovementMethod
+
+
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"threshold": 1.5}, r"soft_movement\.threshold: .*\(0, 1\)"),
+        ({"l1_coefficient": -1}, r"soft_movement\.l1_coefficient: "),
+        ({"score_lr_multiplier": 0}, r"soft_movement\.score_lr_multiplier: "),
+        ({"m_by_n": [2, 4]}, r"soft_movement\.m_by_n: cannot be used with soft_movement"),
+        ({"score_init": "random"}, r"soft_movement\.score_init: "),
+    ],
+    ids=["threshold", "l1", "lr", "m-by-n", "init"],
+)
+def test_soft_movement_section_errors(section, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict({"version": 1, "methods": ["soft_movement"], "soft_movement": section})
+
+
+@pytest.mark.parametrize("other", ["magnitude", "movement", "lora", "lottery"])
+def test_soft_movement_combinations_are_refused(other):
+    with pytest.raises(RecipeError, match=r"'soft_movement' cannot be combined with"):
+        Recipe.from_dict({"version": 1, "methods": ["soft_movement", other]})
+
+
+def test_guard_refuses_soft_movement_and_stages_movement():
+    Recipe.from_dict({"version": 1, "methods": ["movement"], "guard": {"stages": [0.5, 0.8]}})
+    with pytest.raises(RecipeError, match=r"guard: cannot be combined with method 'soft_moveme"):
+        Recipe.from_dict(
+            {"version": 1, "methods": ["soft_movement"], "guard": {"stages": [0.5, 0.8]}}
+        )
+
+
+def test_sweep_takes_soft_movement_thresholds_when_asked():
+    assert "movement" in default_methods() and "soft_movement" not in default_methods()
+    points = sweep_points(["movement", "soft_movement"], {"soft_movement": [0.2, 0.4]})
+    assert ("soft_movement", 0.2) in points and ("soft_movement", 0.4) in points
+    options = SoftMovementMethod.with_target(SoftMovementOptions(), 0.3)
+    assert options.threshold == 0.3
+
+
+@pytest.mark.parametrize(
+    "method_cls,section",
+    [
+        (MovementMethod, {"score_lr_multiplier": 5.0}),
+        (SoftMovementMethod, {"threshold": 0.2, "l1_coefficient": 2.0}),
+    ],
+    ids=["movement", "soft_movement"],
+)
+def test_prepare_passes_the_movement_options_to_the_wrappers(digits, method_cls, section):
+    from keras_lean.sparsity import pruning_wrappers
+
+    x_train, y_train, x_val, y_val = digits
+    data = Data(x_train[:64], y_train[:64], x_val[:32], y_val[:32], 10)
+    plan = FinetunePlan(epochs=2, steps_per_epoch=4, batch_size=16)
+    options = dataclasses.replace(
+        method_cls.options_class(), target_sparsity=0.6, exclude=("output",), **section
+    )
+    method = method_cls(options)
+    wrapped = method.prepare(build_model("mlp", (8, 8, 1), 10), data, plan)
+    wrappers = pruning_wrappers(wrapped)
+    assert len(wrappers) == 2
+    for wrapper in wrappers:
+        assert wrapper.criterion == method_cls.criterion
+        for key, value in section.items():
+            assert getattr(wrapper.movement, key) == value
+    wrapped.compile("adam", "sparse_categorical_crossentropy")
+    wrapped.fit(data.x_train, data.y_train, batch_size=16, epochs=2, verbose=0)
+    final = method.finalize(wrapped)
+    np.testing.assert_allclose(
+        final.predict(data.x_val, verbose=0), wrapped.predict(data.x_val, verbose=0), atol=1e-5
+    )
+    report = method.report()
+    assert report["criterion"] == method_cls.criterion
+    assert report["movement"]["criterion"] == method_cls.criterion
+    for key, value in section.items():
+        assert report["movement"][key] == value
