@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from keras_lean import _backend
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -139,6 +138,7 @@ class DistributionSpec:
 
 def check_backend(step: str = "--distribution data-parallel") -> None:
     """DistributionError unless this process runs the JAX backend."""
+    from keras_lean import _backend  # lazy: `--help` must not import Keras
     if not _backend.is_jax():
         raise DistributionError(
             f"{step} needs the JAX backend (KERAS_BACKEND=jax); this process runs "
@@ -209,6 +209,7 @@ def _joined() -> bool:
 
 def process_index() -> int:
     """This process's index (0 without JAX or outside a multi-process run)."""
+    from keras_lean import _backend  # lazy: `--help` must not import Keras
     if not _backend.is_jax():
         return 0
     import jax
@@ -217,6 +218,7 @@ def process_index() -> int:
 
 
 def process_count() -> int:
+    from keras_lean import _backend  # lazy: `--help` must not import Keras
     if not _backend.is_jax():
         return 1
     import jax
