@@ -8,11 +8,12 @@ TensorFlow or Keras, so `import keras_lean.cli` stays light.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+from keras_lean._choices import QUANTIZATIONS
 from keras_lean.energy.carbon import WORLD_AVERAGE_G_PER_KWH
 from keras_lean.pipeline.models import ARCHITECTURES
 from keras_lean.pipeline.strategy import STRATEGIES
@@ -113,38 +114,9 @@ def arch_option(fn: Callable) -> Callable:
     )(fn)
 
 
-class LazyChoice(click.Choice):
-    """A `click.Choice` whose choices are read from their one constant when first needed.
-
-    For constants of modules that import TensorFlow (`keras_lean.export`): `import
-    keras_lean.cli` stays light, and the choices still live in one place.
-    """
-
-    def __init__(self, load: Callable[[], Sequence[str]]):
-        self._load = load
-        self._choices: tuple[str, ...] | None = None
-        self.case_sensitive = True
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        if self._choices is None:
-            self._choices = tuple(self._load())
-        return self._choices
-
-    @choices.setter
-    def choices(self, value: Sequence[str]) -> None:
-        self._choices = tuple(value)
-
-
-def quantizations() -> tuple[str, ...]:
-    from keras_lean.export.tflite import QUANTIZATIONS
-
-    return QUANTIZATIONS
-
-
 def quantization_option(help_text: str) -> Callable:
     return click.option(
-        "--quantization", type=LazyChoice(quantizations), default=None, help=help_text
+        "--quantization", type=click.Choice(QUANTIZATIONS), default=None, help=help_text
     )
 
 

@@ -48,6 +48,19 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def test_parsing_a_quantization_choice_does_not_import_tensorflow():
+    # TensorFlow must be imported only after the console silenced it; a --quantization value
+    # is validated while click parses, before the command body runs.
+    code = (
+        "import sys, click; from keras_lean.cli import cli\n"
+        "deploy = cli.commands['deploy']\n"
+        "ctx = deploy.make_context('deploy', ['--quantization', 'int8', '--out', 'x'])\n"
+        "print(ctx.params['quantization'], 'tensorflow' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "int8 False", proc.stderr
+
+
 def test_help_is_fast_and_does_not_import_tensorflow():
     code = "import sys, keras_lean.cli; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

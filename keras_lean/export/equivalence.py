@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_lean._choices import QUANTIZATIONS
+
 # Float (unquantized) exports must match the Keras outputs to this, relative to the outputs'
 # scale (max(1, max |reference|)): 1e-5 absolute for probabilities, proportionally for logits.
 FLOAT_TOLERANCE = 1e-5
@@ -182,7 +184,7 @@ def tflite_equivalence(
     x: np.ndarray,
     y: np.ndarray | None = None,
     *,
-    quantizations: tuple[str, ...] = ("none", "dynamic", "float16", "int8"),
+    quantizations: tuple[str, ...] = QUANTIZATIONS,
     calibration_x: np.ndarray | None = None,
     sparse: bool = False,
     name: str = "check",

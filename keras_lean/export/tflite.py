@@ -10,15 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_lean._choices import QUANTIZATIONS, SPARSE_QUANTIZATIONS
 from keras_lean._files import temp_file_beside
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
-
-QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
-# Quantizations that sparse storage works with: with "dynamic" (hybrid int8 weights) the converter
-# writes a file the interpreter's default XNNPACK delegate fails to prepare (TF 2.21).
-SPARSE_QUANTIZATIONS = ("none", "float16", "int8")
 
 
 def _converter_kwargs(

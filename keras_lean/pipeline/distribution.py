@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-
 __all__ = [
     "DISTRIBUTIONS",
     "MULTIWORKER_REFUSAL",
