@@ -287,26 +287,35 @@ def _needs_mask(layer: Any) -> bool:
     return rule is None or not rule.zero_preserving(layer)
 
 
+def _group_scales(graph, scores, schedule, round_to, min_channels, global_ranking) -> dict:
+    """Per group: its factor on the schedule's sparsity (1.0 each unless `global_ranking`).
+
+    With a global ranking, a group's factor is the share of its units the final global selection
+    removes, over the final sparsity, so every group reaches its own final share on schedule.
+    """
+    group_scale = {g.index: 1.0 for g in graph.groups}
+    s_final = _final_sparsity(schedule)
+    if global_ranking and s_final > 0:
+        chosen = select_units(
+            graph,
+            scores,
+            s_final,
+            round_to=round_to,
+            min_channels=min_channels,
+            global_ranking=True,
+        )
+        for g in graph.groups:
+            share = sum(u in chosen for u in g.units) / g.size
+            group_scale[g.index] = share / s_final
+    return group_scale
+
+
 def _unit_ranks(graph, scores, schedule, round_to, min_channels, global_ranking) -> tuple:
     """Per unit: its rank in its group, the group size, and its factor on the schedule."""
     rank: dict[int, int] = {}
     size: dict[int, int] = {}
     scale: dict[int, float] = {}
-    group_scale = {g.index: 1.0 for g in graph.groups}
-    if global_ranking:
-        s_final = _final_sparsity(schedule)
-        if s_final > 0:
-            chosen = select_units(
-                graph,
-                scores,
-                s_final,
-                round_to=round_to,
-                min_channels=min_channels,
-                global_ranking=True,
-            )
-            for g in graph.groups:
-                share = sum(u in chosen for u in g.units) / g.size
-                group_scale[g.index] = share / s_final
+    group_scale = _group_scales(graph, scores, schedule, round_to, min_channels, global_ranking)
     for g in graph.groups:
         for r, u in enumerate(_ranked(g, scores)):
             rank[u], size[u] = r, g.size

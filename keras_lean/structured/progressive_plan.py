@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_lean.structured.api import _final_sparsity, _limits, _ranked, select_units
+from keras_lean.structured.api import _group_scales, _limits, _ranked
 from keras_lean.structured.graph import DependencyGraph
 from keras_lean.structured.masks import keep_count
 
@@ -35,19 +35,7 @@ class UnitPlan:
     """Per original unit: rank in its group, group size, sparsity scale, limits (the mask rule)."""
 
     def __init__(self, graph, scores, schedule, round_to, min_channels, global_ranking):
-        group_scale = {g.index: 1.0 for g in graph.groups}
-        s_final = _final_sparsity(schedule)
-        if global_ranking and s_final > 0:
-            chosen = select_units(
-                graph,
-                scores,
-                s_final,
-                round_to=round_to,
-                min_channels=min_channels,
-                global_ranking=True,
-            )
-            for g in graph.groups:
-                group_scale[g.index] = sum(u in chosen for u in g.units) / g.size / s_final
+        group_scale = _group_scales(graph, scores, schedule, round_to, min_channels, global_ranking)
         rows = []
         for g in graph.groups:
             if not g.is_prunable:
