@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["name", "is_jax", "masks_ride_gradients", "carry_mask"]
+__all__ = ["name", "is_jax", "masks_ride_gradients", "carry_mask", "step_dtype"]
 
 
 def name() -> str:
@@ -27,6 +27,12 @@ def name() -> str:
 
 def is_jax() -> bool:
     return name() == "jax"
+
+
+def step_dtype() -> str:
+    """The dtype of pruning-step counters: int64 as TFMOT, int32 under JAX (no int64 without
+    `jax_enable_x64`: asking for it warns and gives int32 anyway). 2**31 steps is plenty."""
+    return "int32" if is_jax() else "int64"
 
 
 def masks_ride_gradients() -> bool:

@@ -12,3 +12,6 @@ QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 #: Quantizations that sparse storage works with: with "dynamic" (hybrid int8 weights) the converter
 #: writes a file the interpreter's default XNNPACK delegate fails to prepare (TF 2.21).
 SPARSE_QUANTIZATIONS = ("none", "float16", "int8")
+#: Keras' own `Model.quantize` modes for the `.keras` artifact (`keras_lean.export.quantize_keras`);
+#: gptq and awq calibrate on data and need a keras-hub causal LM.
+KERAS_QUANTIZATIONS = ("none", "int8", "int4", "float8", "gptq", "awq")

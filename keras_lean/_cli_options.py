@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from keras_lean._choices import QUANTIZATIONS
+from keras_lean._choices import KERAS_QUANTIZATIONS, QUANTIZATIONS
 from keras_lean.energy.carbon import WORLD_AVERAGE_G_PER_KWH
 from keras_lean.pipeline.models import ARCHITECTURES
 from keras_lean.pipeline.strategy import STRATEGIES
@@ -120,6 +120,16 @@ def quantization_option(help_text: str) -> Callable:
     )
 
 
+def keras_quantization_option(help_text: str) -> Callable:
+    """`--keras-quantization`: `export.keras_quantization` (gptq / awq: keras-hub causal LMs)."""
+    return click.option(
+        "--keras-quantization",
+        type=click.Choice(KERAS_QUANTIZATIONS),
+        default=None,
+        help=help_text,
+    )
+
+
 def baseline_options(fn: Callable) -> Callable:
     for opt in reversed(
         [
@@ -130,13 +140,15 @@ def baseline_options(fn: Callable) -> Callable:
                 type=click.Path(),
                 default=None,
                 help="Adopt this .keras model instead of training one; or, with text data "
-                "(.csv/.jsonl), a keras-hub preset folder whose backbone gets a classifier head.",
+                "(.csv/.jsonl), a keras-hub preset folder whose backbone gets a classifier head "
+                "(text + label columns) or is trained as a causal LM (text alone; a decoder "
+                "preset, or no --model for a built-in tiny GPT-2 decoder).",
             ),
             click.option(
                 "--sequence-length",
                 type=int,
                 default=None,
-                help="Tokens per text with text data and a preset folder (default 128).",
+                help="Tokens per text with text data (per window for a causal LM; default 128).",
             ),
             click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
             click.option(
@@ -176,7 +188,9 @@ OVERRIDE_OPTIONS = (
     "jit_compile",
     "mixed_precision",
     "quantization",
+    "keras_quantization",
     "max_accuracy_drop",
+    "settings",
 )
 
 
@@ -191,6 +205,7 @@ def recipe_options(fn: Callable) -> Callable:
         fields["methods"] = tuple(fields["methods"]) or None
         mp = fields["mixed_precision"]
         fields["mixed_precision"] = None if mp is None else mp == "on"
+        fields["settings"] = tuple(fields["settings"]) or None
         return fn(*args, overrides=RecipeOverrides(**fields), **kwargs)
 
     for opt in reversed(
@@ -227,11 +242,20 @@ def recipe_options(fn: Callable) -> Callable:
                 help="mixed_float16 fine-tuning.",
             ),
             quantization_option("TFLite quantization."),
+            keras_quantization_option("Also save Keras' own Model.quantize of the .keras."),
             click.option(
                 "--max-accuracy-drop",
                 type=float,
                 default=None,
                 help="Validation gate: largest allowed accuracy drop (0.01 = 1 point).",
+            ),
+            click.option(
+                "--set",
+                "settings",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Set any recipe field by its dotted path, e.g. --set structured.mode="
+                "progressive (repeatable; the value is YAML; applied last).",
             ),
         ]
     ):
@@ -240,6 +264,17 @@ def recipe_options(fn: Callable) -> Callable:
 
 
 JIT_CHOICES = ("on", "off", "auto")
+
+
+def compare_dense_option(fn: Callable) -> Callable:
+    """`--compare-dense`: `run(compare_dense=True)`, the saving against dense fine-tuning."""
+    return click.option(
+        "--compare-dense/--no-compare-dense",
+        default=None,
+        help="Also fine-tune the same baseline densely (same epochs, data order, seed, batch "
+        "size, learning rate; its own energy window) and print the fine-tune's saving "
+        "(default: no, unless the default experiment says so).",
+    )(fn)
 
 
 def carbon(value: str | None) -> float | str:
@@ -256,6 +291,7 @@ def distribution_options(fn: Callable) -> Callable:
     from keras_lean.pipeline.distribution import DISTRIBUTIONS
 
     for name, kind, text in (
+        ("--coordinator-timeout", int, "Seconds to wait for the coordinator (default 120)."),
         ("--process-id", str, "This process's index, 0..N-1 (or JAX_PROCESS_ID)."),
         ("--num-processes", str, "Processes that join (or JAX_NUM_PROCESSES)."),
         ("--coordinator", str, "HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)."),

@@ -247,6 +247,14 @@ def validate(out, run_name):
 
 def _echo_validation(result: Any) -> None:
     verdict = "PASS" if result.passed else "FAIL"
+    gate = (result.entry or {}).get("details") or {}
+    if gate.get("metric") == "perplexity":  # a causal LM: the gate is the relative rise
+        click.echo(
+            f"validate: {verdict}: perplexity baseline {gate['baseline_perplexity']:.3f}, "
+            f"fine-tuned {gate['finetuned_perplexity']:.3f}, rise {gate['perplexity_rise']:+.2%} "
+            f"(max {gate['max_perplexity_rise']:.2%})"
+        )
+        return
     click.echo(
         f"validate: {verdict}: baseline {result.baseline_accuracy:.4f}, fine-tuned "
         f"{result.finetuned_accuracy:.4f}, drop {result.accuracy_drop:+.4f} "
@@ -257,15 +265,16 @@ def _echo_validation(result: Any) -> None:
 @cli.command()
 @opts.run_options
 @opts.quantization_option("Override the recipe's TFLite quantization.")
+@opts.keras_quantization_option("Override the recipe's export.keras_quantization.")
 @_quiet
 @_library_call
-def deploy(out, run_name, quantization):
+def deploy(out, run_name, quantization, keras_quantization):
     """Step 5: strip wrappers, export SavedModel + TFLite, check in the interpreter, measure."""
     from keras_lean.pipeline import deploy as deploy_
 
     folder = _run_dir(out, run_name)
     with current_console().watch(folder.root, deploy=dict(quantization=quantization)):
-        result = deploy_(folder, quantization=quantization)
+        result = deploy_(folder, quantization=quantization, keras_quantization=keras_quantization)
     click.echo(_summary(result))
     d = result.record.details
     exp = d["export"]
@@ -287,6 +296,7 @@ def deploy(out, run_name, quantization):
     "--baseline-epochs", type=int, default=8, show_default=True, help="Baseline training epochs."
 )
 @opts.recipe_options
+@opts.compare_dense_option
 @opts.distribution_options
 @_quiet
 @_library_call
@@ -305,46 +315,64 @@ def run_cmd(
     baseline_epochs,
     recipe,
     overrides,
+    compare_dense=None,
     distribution="none",
     coordinator=None,
     num_processes=None,
     process_id=None,
+    coordinator_timeout=None,
     sequence_length=None,
 ):
     """All five steps with the same options (no options: digits, CNN, 80 % magnitude pruning)."""
+    from keras_lean.pipeline import DenseReferenceError
     from keras_lean.pipeline import distribution as dist
     from keras_lean.pipeline import report as report_
     from keras_lean.pipeline import run as run_
     from keras_lean.pipeline.interrupt import interrupt_callback
 
-    dist.setup_from_cli(distribution, coordinator, num_processes, process_id)
+    dist.setup_from_cli(distribution, coordinator, num_processes, process_id, coordinator_timeout)
 
     con, folder = current_console(), _run_dir(out, run_name)
     baseline_context = dict(arch=arch, model_path=model_path, data=data, epochs=baseline_epochs)
+    dense_error = None
     with con.watch(folder.root, baseline=baseline_context):
-        result = run_(
-            folder,
-            data=data,
-            arch=arch,
-            model_path=model_path,
-            sequence_length=sequence_length,
-            baseline_epochs=baseline_epochs,
-            val_split=val_split,
-            seed=seed,
-            strategy=strategy,
-            recipe=recipe,
-            overrides=overrides,
-            carbon_intensity=opts.carbon(carbon_intensity),
-            pue=pue,
-            cpu_tdp_w=cpu_tdp_w,
-            verbose=con.keras_verbose,
-            callbacks=[*con.callbacks("finetune"), interrupt_callback()],
-            baseline_callbacks=con.callbacks("baseline"),
-        )
+        try:
+            result = dist.run_on_every_process(  # one process: run_(folder, ...)
+                run_,
+                folder,
+                data=data,
+                arch=arch,
+                model_path=model_path,
+                sequence_length=sequence_length,
+                baseline_epochs=baseline_epochs,
+                val_split=val_split,
+                seed=seed,
+                strategy=strategy,
+                recipe=recipe,
+                overrides=overrides,
+                carbon_intensity=opts.carbon(carbon_intensity),
+                pue=pue,
+                cpu_tdp_w=cpu_tdp_w,
+                verbose=con.keras_verbose,
+                callbacks=[*con.callbacks("finetune"), interrupt_callback()],
+                baseline_callbacks=con.callbacks("baseline"),
+                compare_dense=compare_dense,
+                dense_callbacks=[*con.callbacks("dense_reference"), interrupt_callback()],
+            )
+        except DenseReferenceError as e:  # the other steps are done: show them, then the error
+            if click.get_current_context().params.get("debug"):
+                raise
+            result, dense_error = e.result, e
     con.line()
-    click.echo(report_(folder).table())
+    if dist.is_writer():
+        click.echo(report_(folder).table())
+    else:  # data-parallel: process 0 writes the run folder and prints the report
+        click.echo(f"process {dist.process_index()}: done; process 0 wrote {folder.root}")
     if not result.passed:
         click.echo("validation failed: deploy skipped", err=True)
+    if dense_error is not None:
+        click.echo(f"Error: {_one_line(dense_error)}", err=True)
+    if not result.passed or dense_error is not None:
         click.get_current_context().exit(1)
 
 
@@ -480,8 +508,8 @@ def sweep(
     "--plot",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also draw energy and accuracy per stage and per-layer sparsity (or widths) into "
-    "this PNG (needs matplotlib).",
+    help="Also draw energy and accuracy per stage (and per epoch, for progressive runs and the "
+    "dense reference) and per-layer sparsity (or widths) into this PNG (needs matplotlib).",
 )
 @_library_call
 def report(run_folder, as_json, plot):

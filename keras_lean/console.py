@@ -267,27 +267,49 @@ def describe_stage(stage: str, run_dir: str | os.PathLike, **context: Any) -> st
     recipe_path = run_dir / "recipe.yaml"
     if stage == "baseline":
         data = context.get("data") or "digits"
-        if context.get("model_path"):
-            return f"adopt {context['model_path']} and evaluate it on {data}"
+        model_path = context.get("model_path")
+        from keras_lean.pipeline.text import describe_text_model
+
+        # Text data: the task model built from the preset (or the tiny decoder), not --arch.
+        built = describe_text_model(data, model_path)
+        if model_path and built is None:
+            return f"adopt {model_path} and evaluate it on {data}"
         epochs = context.get("epochs")
         plural = "s" if epochs != 1 else ""
-        return f"train {context.get('arch') or 'cnn'} on {data}" + (
+        return f"train {built or context.get('arch') or 'cnn'} on {data}" + (
             f" for {epochs} epoch{plural}" if epochs else ""
         )
     if stage == "configure":
         return f"write {recipe_path}"
+    if stage == "dense_reference":
+        return "fine-tune the baseline with no method, as the fine-tune trained (the comparison)"
     if not recipe_path.exists():
         return ""
     recipe = load_recipe(recipe_path)
     if stage == "finetune":
         return describe_finetune(recipe)
     if stage == "validate":
+        if _is_causal_lm_run(recipe_path.parent):
+            return f"perplexity gate, largest allowed rise {recipe.max_perplexity_rise:.0%}"
         return f"accuracy gate, largest allowed drop {recipe.max_accuracy_drop:g}"
     if stage == "deploy":
         quantization = context.get("quantization") or recipe.export.quantization
-        formats = " + ".join(recipe.export.formats)
+        from keras_lean.pipeline.steps.deploy import describe_formats  # tflite: TF only
+
+        formats = describe_formats(recipe.export)
         return f"strip, export {formats} (quantization {quantization}), check, measure"
     return ""
+
+
+def _is_causal_lm_run(folder: Path) -> bool:
+    """Whether the run in `folder` trains a causal LM (its manifest's `text.task`)."""
+    import json
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and (manifest.get("text") or {}).get("task") == "causal_lm"
 
 
 # ---------------------------------------------------------------------- the progress bar

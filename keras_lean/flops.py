@@ -10,8 +10,12 @@ Conventions (the ones most papers and Torch-Pruning / fvcore-style counters use,
 - A multiply-add is 2 FLOPs. A bias add is 1 FLOP per output element.
 - Dense, Conv1D/2D/3D (and Transpose), DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense,
   MultiHeadAttention (the four projections plus the two attention matmuls) are counted exactly,
-  and so is keras-hub's TransformerEncoder (as the attention, LayerNormalization, Dense and Add
-  layers it is made of).
+  and so are keras-hub's TransformerEncoder and TransformerDecoder (as the attention,
+  LayerNormalization, Dense and Add layers they are made of: a decoder's self-attention, its
+  cross-attention when it has one, and its feed-forward block; pruned heads counted at their
+  `head_dim`). A keras-hub `ReversibleEmbedding` called with `reverse=True` (the tied output
+  projection of a causal LM) is a matmul by the embedding table, `2 x hidden x vocabulary` per
+  token; called forward it is a lookup (0).
 - BatchNormalization: 2 FLOPs per element (scale and shift; inference form, statistics folded).
   LayerNormalization: 7 FLOPs per element (mean 1, centring 1, squared sum 2, normalize 1,
   scale and shift 2).
@@ -23,7 +27,9 @@ Conventions (the ones most papers and Torch-Pruning / fvcore-style counters use,
   concatenation, input layers.
 - Any other layer is counted as 0 FLOPs and its row carries a `note` saying so (its parameters are
   still counted).
-- Dimensions unknown at build time (other than the batch) count as 1 and are noted.
+- Dimensions unknown at build time (other than the batch) count as 1 and are noted. A nested
+  model built for any length (a keras-hub backbone's `(None, None)` token inputs) is counted at
+  the shapes its caller feeds it (the shapes are carried through its graph).
 - Wrapper layers (anything with a `.layer` attribute, like Keras' `Wrapper` and keras_lean's
   pruning and mask wrappers) are counted as the layer they wrap; the wrapper's own bookkeeping
   weights (masks, step counters) are not parameters of the deployed model and are not counted.
@@ -44,8 +50,18 @@ from typing import Any
 
 import keras
 
-from keras_lean._hub import is_transformer_encoder, transformer_encoder_flops
-from keras_lean._keras_internals import mha_projections, model_calls, uses_gate
+from keras_lean._hub import (
+    is_transformer_decoder,
+    is_transformer_encoder,
+    transformer_encoder_flops,
+)
+from keras_lean._keras_internals import (
+    hub_attention_sublayers,
+    inputs_struct,
+    mha_projections,
+    model_calls,
+    uses_gate,
+)
 
 __all__ = ["FlopsReport", "LayerFlops", "count_flops", "training_flops"]
 
@@ -158,6 +174,7 @@ _ZERO_FLOP = (
     "UpSampling3D",
     "Concatenate",
     "Masking",
+    "PositionEmbedding",  # keras-hub: returns its table's first rows (the add is a layer)
     "ChannelMask",  # keras_lean.structured: an element-wise multiply, like an activation
 )
 
@@ -194,6 +211,44 @@ def _mha_flops(layer: Any, args: list) -> int:
     d_out = math.prod(int(d) for d in out_shape[2:])
     f += tq * d_out * (2 * h * vd + bias)
     return f
+
+
+def _transformer_decoder_flops(layer: Any, dec_shape: tuple, enc_shape: tuple | None) -> int:
+    """Forward FLOPs per sample of one keras-hub TransformerDecoder call, from its built
+    sublayers: self-attention (and cross-attention on the encoder sequence when the block has
+    one), a LayerNormalization and a residual add per sub-block, the two feed-forward Dense."""
+    d = int(dec_shape[-1])
+    t = math.prod(_dim(s) for s in dec_shape[1:-1])
+    attention = hub_attention_sublayers(layer)
+    f = _mha_flops(attention["_self_attention_layer"], [dec_shape, dec_shape])
+    blocks = 2
+    cross = attention.get("_cross_attention_layer")
+    if cross is not None and enc_shape is not None:
+        f += _mha_flops(cross, [dec_shape, enc_shape])
+        blocks = 3
+    ff = int(layer.intermediate_dim)
+    f += t * ff * (2 * d + 1) + t * d * (2 * ff + 1)
+    return f + blocks * (7 * t * d + t * d)
+
+
+def _hub_call_flops(layer: Any, args: list, kwargs: dict) -> tuple[int, str] | None:
+    """FLOPs of a keras-hub layer call whose cost depends on its arguments (None: not one)."""
+    if is_transformer_decoder(layer):
+        dec = args[0] if args else kwargs.get("decoder_sequence")
+        enc = args[1] if len(args) > 1 else kwargs.get("encoder_sequence")
+        enc_shape = _shape(enc) if hasattr(enc, "shape") else None
+        unknown = any(s is None for s in _shape(dec)[1:-1])
+        note = "unknown dimensions counted as 1" if unknown else ""
+        return _transformer_decoder_flops(layer, _shape(dec), enc_shape), note
+    if isinstance(layer, keras.layers.Embedding):  # keras' or keras-hub's ReversibleEmbedding too
+        reversible = any(c.__name__ == "ReversibleEmbedding" for c in type(layer).__mro__)
+        if not reversible or not (args[1] if len(args) > 1 else kwargs.get("reverse", False)):
+            return 0, ""  # a table lookup
+        shape = _shape(args[0] if args else kwargs["inputs"])
+        t = math.prod(_dim(s) for s in shape[1:-1])
+        note = "unknown dimensions counted as 1" if any(s is None for s in shape[1:-1]) else ""
+        return 2 * t * int(shape[-1]) * int(layer.input_dim), note
+    return None
 
 
 def _layer_flops(layer: Any, in_shapes: list, out_shapes: list, call_args: list) -> tuple[int, str]:
@@ -259,25 +314,61 @@ def _params(layer: Any) -> int:
     )
 
 
-def _arg_shapes(call: Any) -> list:
+def _arg_shapes(args: list, kwargs: dict) -> list:
     """Shapes of the positional-or-keyword tensor arguments (MHA: query, value, key)."""
-    args, kwargs = call.arguments()
+    args = list(args)
     for key in ("query", "value", "key"):
         if key in kwargs:
             args.append(kwargs[key])
     return [_shape(a) if hasattr(a, "shape") else None for a in args]
 
 
-def _collect(model: Any, prefix: str, rows: dict, order: list) -> None:
+def _resolve(call: Any, specs: dict | None) -> tuple[list, list, list, dict]:
+    """(inputs, outputs, args, kwargs) of a call, with the tensors' shapes as the caller fed
+    them when `specs` maps this graph's tensors to better-known ones (a nested backbone built
+    for any sequence length, called on a fixed one); the graph's own tensors otherwise."""
+    if specs is None:
+        args, kwargs = call.arguments()
+        return call.inputs, call.outputs, args, kwargs
+    args, kwargs = call.fill_in(specs)
+    inputs = [specs.get(id(t), t) for t in call.inputs]
+    try:
+        outputs = keras.tree.flatten(call.layer.compute_output_spec(*args, **kwargs))
+    except Exception:  # a layer that cannot say: keep the graph's own (less known) shapes
+        outputs = call.outputs
+    if len(outputs) != len(call.outputs):
+        outputs = call.outputs
+    for old, new in zip(call.outputs, outputs, strict=True):
+        specs[id(old)] = new
+    return inputs, outputs, args, kwargs
+
+
+def _nested_specs(model: Any, args: list, kwargs: dict) -> dict | None:
+    """{id(graph input): caller's tensor} for a nested model called on tensors whose shapes
+    differ from its own inputs' (None when they agree, or cannot be matched)."""
+    fed = keras.tree.flatten(args[0] if args else next(iter(kwargs.values()), None))
+    own = keras.tree.flatten(inputs_struct(model))
+    if len(fed) != len(own) or not all(hasattr(t, "shape") for t in fed):
+        return None
+    if all(tuple(a.shape) == tuple(b.shape) for a, b in zip(fed, own, strict=True)):
+        return None
+    return {id(o): f for o, f in zip(own, fed, strict=True)}
+
+
+def _collect(model: Any, prefix: str, rows: dict, order: list, specs: dict | None = None) -> None:
     for call in model_calls(model, "count_flops"):
         op = call.layer
+        inputs, outputs, args, kwargs = _resolve(call, specs)
         if isinstance(op, keras.Model):
-            _collect(op, f"{prefix}{op.name}/", rows, order)
+            _collect(op, f"{prefix}{op.name}/", rows, order, _nested_specs(op, args, kwargs))
             continue
         layer = _unwrap(op)
-        in_shapes = [_shape(t) for t in call.inputs]
-        out_shapes = [_shape(t) for t in call.outputs]
-        flops, note = _layer_flops(layer, in_shapes, out_shapes, _arg_shapes(call))
+        in_shapes = [_shape(t) for t in inputs]
+        out_shapes = [_shape(t) for t in outputs]
+        counted = _hub_call_flops(layer, args, kwargs)
+        if counted is None:
+            counted = _layer_flops(layer, in_shapes, out_shapes, _arg_shapes(args, kwargs))
+        flops, note = counted
         name = prefix + op.name
         if name in rows:
             prev = rows[name]

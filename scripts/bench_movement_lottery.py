@@ -10,8 +10,9 @@ digits (80/20 split, seed 0), the built-in `cnn` trained dense for `--baseline-e
 `--finetune-epochs` with the recipe's default schedule (cubic `PolynomialDecay` from 0 at step
 0 to the target at 70 % of the fine-tune steps, masks every 10 steps) and the same data order.
 Movement uses its documented defaults (`keras_lean.sparsity.movement`) unless the flags say
-otherwise; soft movement's sparsity is not set by the target (its threshold and L1 penalty
-decide), so its row shows the sparsity it reached.
+otherwise; soft movement reaches the target (its threshold follows the schedule) unless
+`--threshold` fixes it, when its threshold and L1 penalty decide the sparsity: every row shows
+the sparsity reached.
 
 Issue 17 target: hard movement within 1 point of magnitude (or above) at 50/70/80 %.
 `--lottery` adds `find_lottery_ticket` (2 rounds to 80 %, rewound to step 0; issue 7's target:

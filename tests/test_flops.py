@@ -139,3 +139,70 @@ def test_structured_masks_are_not_parameters():
     assert after.params == before.params
     assert after.total == before.total
     assert all(r.note == "" for r in after.rows)
+
+
+def _decoder_hand_count(t, d, h, k, ff, s=None):
+    """A TransformerDecoder by hand: per attention 3 projections + 2 matmuls + the output
+    projection; per sub-block a LayerNorm (7/element) and a residual add (1/element)."""
+
+    def attention(tq, tk):
+        return (
+            tq * h * k * (2 * d + 1)
+            + 2 * tk * h * k * (2 * d + 1)
+            + 2 * 2 * h * tq * tk * k
+            + tq * d * (2 * h * k + 1)
+        )
+
+    blocks = 2 if s is None else 3
+    f = attention(t, t) + (0 if s is None else attention(t, s))
+    return f + t * ff * (2 * d + 1) + t * d * (2 * ff + 1) + blocks * 8 * t * d
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self-attention", "with-cross-attention"])
+def test_transformer_decoder(cross):
+    keras_hub = pytest.importorskip("keras_hub")
+    t, s, d, h, ff = 6, 4, 8, 2, 12
+    dec = keras.Input((t, d))
+    enc = keras.Input((s, d))
+    block = keras_hub.layers.TransformerDecoder(ff, h, name="dec")
+    model = keras.Model([dec, enc] if cross else dec, block(dec, enc) if cross else block(dec))
+    row = count_flops(model).by_name()["dec"]
+    assert row.note == ""
+    assert row.flops == _decoder_hand_count(t, d, h, d // h, ff, s if cross else None)
+    assert row.params == block.count_params()
+
+
+def test_pruned_decoder_counts_its_head_dim():
+    pytest.importorskip("keras_hub")
+    from keras_lean.structured.hub_layers import PrunedTransformerDecoder
+
+    t, d, ff = 5, 8, 12
+    inputs = keras.Input((t, d))
+    block = PrunedTransformerDecoder(ff, 1, head_dim=4, name="dec")  # one head of 4 of 8
+    row = count_flops(keras.Model(inputs, block(inputs))).by_name()["dec"]
+    assert row.flops == _decoder_hand_count(t, d, 1, 4, ff)
+
+
+def test_gpt2_causal_lm_counts_blocks_and_tied_output_projection():
+    keras_hub = pytest.importorskip("keras_hub")
+    t, d, h, ff, vocab, layers = 6, 8, 2, 16, 30, 2
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocab,
+        num_layers=layers,
+        num_heads=h,
+        hidden_dim=d,
+        intermediate_dim=ff,
+        max_sequence_length=t,
+    )
+    ids = keras.Input((t,), dtype="int32")
+    mask = keras.Input((t,), dtype="bool")
+    hidden = backbone({"token_ids": ids, "padding_mask": mask})
+    logits = backbone.token_embedding(hidden, reverse=True)
+    report = count_flops(keras.Model([ids, mask], logits))
+    rows = report.by_name()
+    for i in range(layers):
+        row = rows[f"gpt2_backbone/transformer_layer_{i}"]
+        assert row.flops == _decoder_hand_count(t, d, h, d // h, ff)
+    assert rows["token_embedding"].flops == 2 * t * d * vocab
+    assert rows["gpt2_backbone/token_embedding"].flops == 0
+    assert not [r.name for r in report.rows if "not counted" in r.note]

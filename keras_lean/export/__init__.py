@@ -23,8 +23,10 @@ from keras_lean.export.equivalence import (
 )
 from keras_lean.export.fold import fold_batchnorm
 from keras_lean.export.quantize import (
+    CALIBRATED_QUANTIZATIONS,
     KERAS_QUANTIZATIONS,
     KerasQuantizationReport,
+    calibration_config,
     quantize_keras,
     quantize_keras_artifact,
 )
@@ -40,6 +42,7 @@ from keras_lean.export.tflite import (
 )
 
 __all__ = [
+    "CALIBRATED_QUANTIZATIONS",
     "FLOAT_TOLERANCE",
     "FORMATS",
     "KERAS_QUANTIZATIONS",
@@ -52,6 +55,7 @@ __all__ = [
     "SizeReport",
     "SparseStorage",
     "TFLiteRunner",
+    "calibration_config",
     "compare_outputs",
     "convert_to_tflite",
     "export_model",

@@ -113,11 +113,20 @@ class Equivalence:
         return self
 
 
-def _predict(fn: Callable[[np.ndarray], Any] | Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _predict(fn: Callable[[np.ndarray], Any] | Any, x: Any, batch_size: int) -> np.ndarray:
     if hasattr(fn, "predict"):  # a Keras model: its compiled predict loop
         return np.asarray(fn.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
-    parts = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    parts = [np.asarray(fn(_rows(x, i, i + batch_size))) for i in range(0, _len(x), batch_size)]
     return np.concatenate(parts).astype("float64")
+
+
+def _len(x: Any) -> int:
+    """Samples in `x`: an array, or a dict of arrays (a text model's named inputs)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _rows(x: Any, start: int, stop: int) -> Any:
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
 
 
 def compare_outputs(
@@ -136,7 +145,8 @@ def compare_outputs(
     Args:
         reference: a Keras model or a callable from a batch to outputs.
         candidate: the same (e.g. a `TFLiteRunner`).
-        x: the samples (a validation set).
+        x: the samples (a validation set): an array, or a dict of arrays for a model with
+            named inputs (`token_ids`, `padding_mask`).
         y: their integer labels, or None.
         tolerance: bound on `max_abs_diff / max(1, max |reference|)`, or None.
         reference_name: label of the reference in the result.
@@ -149,8 +159,8 @@ def compare_outputs(
     Raises:
         ValueError: no samples, or outputs of different shapes.
     """
-    x = np.asarray(x)
-    if len(x) == 0:
+    x = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
+    if _len(x) == 0:
         raise ValueError("compare_outputs needs samples. Received: x with 0 samples")
     ref = _predict(reference, x, batch_size)
     out = _predict(candidate, x, batch_size)
@@ -168,7 +178,7 @@ def compare_outputs(
     return Equivalence(
         reference=reference_name,
         candidate=candidate_name,
-        samples=len(x),
+        samples=_len(x),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
         scale=float(max(1.0, np.abs(ref).max())),

@@ -46,6 +46,7 @@ _EXPORTS = {
     **{
         name: "keras_lean.pipeline.steps"
         for name in (
+            "DenseReferenceError",
             "JitDecision",
             "RunReport",
             "RunResult",
@@ -54,6 +55,7 @@ _EXPORTS = {
             "ValidationResult",
             "configure",
             "decide_jit_compile",
+            "dense_reference",
             "deploy",
             "finetune",
             "report",

@@ -18,26 +18,45 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "DISTRIBUTIONS",
-    "MULTIWORKER_REFUSAL",
     "DistributionError",
     "DistributionSpec",
+    "MULTIWORKER_REFUSAL",
+    "check_backend",
+    "check_global_batch",
+    "combine_stage_entry",
+    "from_float32_pairs",
+    "gather_over_processes",
     "initialize",
     "is_writer",
+    "local_arrays",
+    "local_batch",
     "local_rows",
+    "merge_process_entries",
     "parse_coordinator",
     "process_count",
+    "process_energy_lines",
     "process_index",
-    "gather_over_processes",
+    "replicated_predictions",
+    "run_on_every_process",
+    "setup_from_cli",
+    "stage_figures",
+    "to_float32_pairs",
 ]
 
 DISTRIBUTIONS = ("none", "data-parallel")
@@ -119,7 +138,8 @@ class DistributionSpec:
             parse_coordinator(self.coordinator)
         object.__setattr__(self, "num_processes", n)
         object.__setattr__(self, "process_id", i)
-        object.__setattr__(self, "timeout_s", _int_setting("timeout", self.timeout_s, 1))
+        timeout = _int_setting("coordinator_timeout", self.timeout_s, 1)
+        object.__setattr__(self, "timeout_s", timeout)
 
     @classmethod
     def resolve(cls, coordinator=None, num_processes=None, process_id=None, timeout_s=120):
@@ -138,6 +158,7 @@ class DistributionSpec:
 def check_backend(step: str = "--distribution data-parallel") -> None:
     """DistributionError unless this process runs the JAX backend."""
     from keras_lean import _backend  # lazy: `--help` must not import Keras
+
     if not _backend.is_jax():
         raise DistributionError(
             f"{step} needs the JAX backend (KERAS_BACKEND=jax); this process runs "
@@ -209,6 +230,7 @@ def _joined() -> bool:
 def process_index() -> int:
     """This process's index (0 without JAX or outside a multi-process run)."""
     from keras_lean import _backend  # lazy: `--help` must not import Keras
+
     if not _backend.is_jax():
         return 0
     import jax
@@ -218,6 +240,7 @@ def process_index() -> int:
 
 def process_count() -> int:
     from keras_lean import _backend  # lazy: `--help` must not import Keras
+
     if not _backend.is_jax():
         return 1
     import jax
@@ -230,6 +253,23 @@ def is_writer() -> bool:
     return process_index() == 0
 
 
+def local_arrays(x, y, global_batch: int):
+    """`(x, y, batch_size)` this process feeds `fit` to train on batches of `global_batch` rows:
+    its rows of every global batch (`local_rows`) and its share of the batch; with one process,
+    the arrays and `global_batch` unchanged. `x` may be an array or a dict / list of arrays."""
+    count = process_count()
+    if count == 1:
+        return x, y, global_batch
+    rows = local_rows(len(y), global_batch, process_index(), count)
+    if isinstance(x, dict):
+        x = {k: np.asarray(v)[rows] for k, v in x.items()}
+    elif isinstance(x, (list, tuple)):
+        x = type(x)(np.asarray(v)[rows] for v in x)
+    else:
+        x = np.asarray(x)[rows]
+    return x, np.asarray(y)[rows], global_batch // count
+
+
 def local_rows(n_rows: int, global_batch: int, index: int, count: int) -> np.ndarray:
     """Row indices process `index` of `count` feeds: its slice of every global batch.
 
@@ -237,10 +277,7 @@ def local_rows(n_rows: int, global_batch: int, index: int, count: int) -> np.nda
     exactly the global batches a single process would train on (in order, no shuffling), so the
     run equals a one-process run with `global_batch`.
     """
-    if global_batch % count:
-        raise DistributionError(
-            f"the batch size {global_batch} must be a multiple of the {count} processes."
-        )
+    check_global_batch(global_batch, count)
     local = global_batch // count
     rows = np.arange(n_rows - n_rows % global_batch).reshape(-1, count, local)
     return rows[:, index, :].reshape(-1)
@@ -248,22 +285,188 @@ def local_rows(n_rows: int, global_batch: int, index: int, count: int) -> np.nda
 
 def gather_over_processes(values: dict[str, float]) -> list[dict[str, float]]:
     """Every process's `values` (same keys everywhere), in process order, on every process
-    (the report lists them and sums them)."""
+    (the report lists them and sums them). A collective: every process must call it.
+
+    JAX without x64 has no float64 on the wire, so each value travels as two float32 (the value
+    rounded, and what the rounding lost): about 14 significant digits come back.
+    """
     keys = sorted(values)
     if process_count() == 1:
         return [{k: float(values[k]) for k in keys}]
     from jax.experimental import multihost_utils
 
-    local = np.asarray([float(values[k]) for k in keys], dtype=np.float64)
-    gathered = np.asarray(multihost_utils.process_allgather(local.astype(np.float32)))
-    return [
-        dict(zip(keys, map(float, row), strict=True)) for row in gathered.reshape(-1, len(keys))
-    ]
+    wire = to_float32_pairs(np.asarray([float(values[k]) for k in keys]))
+    gathered = np.asarray(multihost_utils.process_allgather(wire)).reshape(-1, *wire.shape)
+    return [dict(zip(keys, map(float, from_float32_pairs(row)), strict=True)) for row in gathered]
 
 
-def setup_from_cli(distribution: str, coordinator=None, num_processes=None, process_id=None):
+def to_float32_pairs(values: np.ndarray) -> np.ndarray:
+    """float64 values as a (2, n) float32 array: each value rounded, and what rounding lost."""
+    values = np.asarray(values, dtype=np.float64)
+    high = values.astype(np.float32)
+    return np.stack([high, (values - high.astype(np.float64)).astype(np.float32)])
+
+
+def from_float32_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The float64 values back from `to_float32_pairs` (about 14 significant digits)."""
+    pairs = np.asarray(pairs, dtype=np.float64)
+    return pairs[0] + pairs[1]
+
+
+def process_energy_lines(entries) -> list[str]:
+    """The report's lines for a multi-process run: each stage's energy by process."""
+    rows = [(e.stage, e.details.get("processes")) for e in entries]
+    rows = [(stage, procs) for stage, procs in rows if isinstance(procs, list) and procs]
+    if not rows:
+        return []
+    out = ["", "energy by process (J; each process measured its own, the table sums them):"]
+    for stage, procs in rows:
+        cells = ", ".join(f"{p['process']}: {p['energy_j']:.1f}" for p in procs)
+        out.append(f"  {stage}: {cells}")
+    return out
+
+
+#: The StageEntry fields summed over processes (duration is the slowest process's: they overlap).
+_SUMMED = ("energy_j", "energy_kwh", "emissions_kg")
+
+
+def merge_process_entries(entry: dict, gathered: list[dict[str, float]]) -> dict:
+    """One stage's report entry for the whole run, from process 0's `entry` and every process's
+    figures (`gathered`, in process order, as `stage_figures` makes them).
+
+    Energy, kWh and CO2e are the sums over the processes; the duration is the longest (the
+    processes run side by side); `details["processes"]` lists each process's own figures.
+    """
+    merged = dict(entry)
+    for key in _SUMMED:
+        merged[key] = float(sum(g[key] for g in gathered))
+    merged["duration_s"] = float(max(g["duration_s"] for g in gathered))
+    n, measured = len(gathered), sum(1 for g in gathered if g["measured"])
+    mixed = "" if measured in (0, n) else f"; {measured} of {n} measured"
+    merged["energy_method"] = f"{entry['energy_method']} (sum of {n} processes{mixed})"
+    merged["details"] = {
+        **(entry.get("details") or {}),
+        "processes": [
+            {"process": i, **{k: g[k] for k in ("duration_s", *_SUMMED)}, "measured": g["measured"]}
+            for i, g in enumerate(gathered)
+        ],
+    }
+    return merged
+
+
+def stage_figures(entry: dict) -> dict[str, float]:
+    """What each process contributes to a stage's entry (see `merge_process_entries`)."""
+    figures = {k: float(entry[k] or 0.0) for k in ("duration_s", *_SUMMED)}
+    figures["measured"] = float(str(entry.get("energy_method", "")).startswith("measured"))
+    return figures
+
+
+def combine_stage_entry(entry: dict) -> dict:
+    """In a multi-process run, the stage entry with every process's energy summed and listed;
+    unchanged in a one-process run. A collective: every process calls it as its stage ends."""
+    if process_count() == 1:
+        return entry
+    gathered = gather_over_processes(stage_figures(entry))
+    for g in gathered:
+        g["measured"] = bool(g["measured"])
+    return merge_process_entries(entry, gathered)
+
+
+def check_global_batch(batch_size: int, count: int | None = None) -> None:
+    """DistributionError unless `batch_size` rows split evenly over the processes (or `count`)."""
+    count = process_count() if count is None else count
+    if count > 1 and batch_size % count:
+        raise DistributionError(
+            f"the batch size {batch_size} must be a multiple of the {count} processes "
+            "(each feeds batch_size / processes rows per step)."
+        )
+
+
+def local_batch(indices: np.ndarray, index: int | None = None, count: int | None = None):
+    """This process's part of a global batch's row `indices` (all of them with one process).
+
+    The processes' parts, in process order, make up the global batch, so training on them with
+    `DataParallel` equals one process training on the whole batch. A last batch whose size is not
+    a multiple of the process count loses its few trailing rows (every process must feed as many
+    rows: their local batches form one global array). `index` / `count` default to this
+    process's.
+    """
+    count = process_count() if count is None else count
+    if count == 1:
+        return indices
+    local = len(indices) // count
+    if local == 0:
+        raise DistributionError(
+            f"a batch of {len(indices)} rows cannot be split over {count} processes; use a "
+            f"batch size of at least {count}."
+        )
+    index = process_index() if index is None else index
+    return indices[index * local : (index + 1) * local]
+
+
+@contextlib.contextmanager
+def replicated_predictions() -> Iterator[None]:
+    """While active in a multi-process run, `Model.predict` and `predict_on_batch` run with no
+    data distribution: every process feeds the same inputs and gets the whole output.
+
+    Under `DataParallel` each process would feed its own rows and get back an output array that
+    spans the other processes' devices, which no process can read (Keras' predict converts it to
+    NumPy). Every process of a pipeline run evaluates the same data in the same order, so they
+    all take part in each replicated computation. Outside a multi-process run this does nothing.
+    """
+    if process_count() == 1:
+        yield
+        return
+    import keras
+
+    originals = {name: getattr(keras.Model, name) for name in ("predict", "predict_on_batch")}
+
+    def replicated(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            current = keras.distribution.distribution()
+            keras.distribution.set_distribution(None)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                keras.distribution.set_distribution(current)
+
+        return call
+
+    for name, method in originals.items():
+        setattr(keras.Model, name, replicated(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(keras.Model, name, method)
+
+
+def run_on_every_process(run_fn: Callable[..., Any], out: str | os.PathLike, **kwargs) -> Any:
+    """`run_fn(out, **kwargs)` (the pipeline's `run`) on every process of the run.
+
+    Every process trains (each on its part of every batch, see `local_batch`) and measures its
+    own energy; process 0 works in `out` and writes the artifacts and the report (whose stage
+    entries sum every process's energy); the others work in a scratch folder of their own,
+    removed at the end. One process: just `run_fn(out, **kwargs)`.
+    """
+    if process_count() == 1:
+        return run_fn(out, **kwargs)
+    with replicated_predictions():
+        if is_writer():
+            return run_fn(out, **kwargs)
+        scratch = tempfile.mkdtemp(prefix=f"keras-lean-process{process_index()}-")
+        try:
+            return run_fn(scratch, **kwargs)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def setup_from_cli(
+    distribution: str, coordinator=None, num_processes=None, process_id=None, timeout_s=None
+):
     """What `keras-lean run --distribution ...` does first; DistributionError (exit 2) on bad
-    settings, before any training.
+    settings or an unreachable coordinator, before any training.
 
     Returns:
         The DistributionSpec in effect, or None without `--distribution data-parallel`.
@@ -273,17 +476,14 @@ def setup_from_cli(distribution: str, coordinator=None, num_processes=None, proc
             f"--distribution must be one of {', '.join(DISTRIBUTIONS)}. Received: {distribution!r}"
         )
     if distribution == "none":
-        if any(v is not None for v in (coordinator, num_processes, process_id)):
+        if any(v is not None for v in (coordinator, num_processes, process_id, timeout_s)):
             raise DistributionError(
-                "--coordinator, --num-processes and --process-id need --distribution data-parallel."
+                "--coordinator, --num-processes, --process-id and --coordinator-timeout need "
+                "--distribution data-parallel."
             )
         return None
-    spec = DistributionSpec.resolve(coordinator, num_processes, process_id)
+    timeout = DistributionSpec.timeout_s if timeout_s is None else timeout_s
+    spec = DistributionSpec.resolve(coordinator, num_processes, process_id, timeout)
     check_backend()
-    if spec.num_processes > 1:
-        raise DistributionError(
-            "the pipeline runs data-parallel over one process's devices for now; for several "
-            "processes use the library (keras_lean.pipeline.distribution, docs/distributed.md)."
-        )
     initialize(spec)
     return spec

@@ -35,7 +35,12 @@ class RecipeOverrides:
         jit_compile: `finetune.jit_compile` (`on`, `off`, `auto`).
         mixed_precision: `finetune.mixed_precision`.
         quantization: `export.quantization`.
+        keras_quantization: `export.keras_quantization` (Keras' `Model.quantize` of the
+            `.keras` artifact: `none`, `int8`, `int4`, `float8`, `gptq`, `awq`).
         max_accuracy_drop: the validation gate.
+        settings: `KEY=VALUE` strings, each setting one recipe field by its dotted path
+            (`structured.mode=progressive`, `guard.stages=[0.3, 0.5]`); the value is read as
+            YAML. Applied after the fields above, then the recipe is validated again.
     """
 
     methods: tuple[str, ...] | None = None
@@ -46,7 +51,9 @@ class RecipeOverrides:
     jit_compile: str | None = None
     mixed_precision: bool | None = None
     quantization: str | None = None
+    keras_quantization: str | None = None
     max_accuracy_drop: float | None = None
+    settings: tuple[str, ...] | None = None
 
     def __post_init__(self):
         methods = self.methods
@@ -57,6 +64,15 @@ class RecipeOverrides:
                 f"methods must be a list of method names. Received: methods={methods!r}"
             )
         object.__setattr__(self, "methods", tuple(methods) if methods else None)
+        settings = (self.settings,) if isinstance(self.settings, str) else self.settings
+        for item in settings or ():
+            key = item.partition("=")[0].strip() if isinstance(item, str) else ""
+            if "=" not in str(item) or not key:
+                raise ValueError(
+                    f"a recipe setting must be KEY=VALUE with a dotted recipe path as KEY, e.g. "
+                    f"structured.mode=progressive. Received: {item!r}"
+                )
+        object.__setattr__(self, "settings", tuple(settings) if settings else None)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> RecipeOverrides:
@@ -94,9 +110,46 @@ class RecipeOverrides:
         ft = {k: getattr(self, k) for k in _FINETUNE_FIELDS if getattr(self, k) is not None}
         if ft:
             changes["finetune"] = dataclasses.replace(recipe.finetune, **ft)
-        if self.quantization is not None:
-            changes["export"] = dataclasses.replace(recipe.export, quantization=self.quantization)
-        return recipe.replace(**changes) if changes else recipe
+        export = {
+            k: getattr(self, k)
+            for k in ("quantization", "keras_quantization")
+            if getattr(self, k) is not None
+        }
+        if export:
+            changes["export"] = dataclasses.replace(recipe.export, **export)
+        recipe = recipe.replace(**changes) if changes else recipe
+        return _settings(recipe, self.settings) if self.settings else recipe
+
+
+#: Recipe paths that name one field (`Recipe.to_dict` writes both): setting one sets the other.
+_ALIASES = (("max_accuracy_drop",), ("max_metric_drop", "accuracy"))
+
+
+def _settings(recipe: Recipe, settings: Sequence[str]) -> Recipe:
+    """`recipe` with each `KEY=VALUE` set by its dotted path, parsed again as a recipe file is."""
+    import yaml
+
+    d = recipe.to_dict()
+    for item in settings:
+        key, _, text = item.partition("=")
+        path = tuple(part.strip() for part in key.strip().split("."))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item}: the value is not valid YAML: {e}") from None
+        for target in _ALIASES if path in _ALIASES else (path,):
+            _set_path(d, target, value, item)
+    return Recipe.from_dict(d, source="--set")
+
+
+def _set_path(d: dict, path: Sequence[str], value: Any, item: str) -> None:
+    node = d
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {item}: {'.'.join(path[: i + 1])} is a value, not a section.")
+        node = child
+    node[path[-1]] = value
 
 
 def _targets(recipe: Recipe, methods: Sequence[str], value: float) -> dict[str, Any]:

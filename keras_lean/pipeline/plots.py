@@ -7,9 +7,10 @@ function raises `ImportError` without it, and callers say how to install it
 
 - `plot_sweep(points, path)`: accuracy, fine-tune energy and TFLite latency against sparsity,
   one line per method (`keras-lean sweep`).
-- `plot_run(report, path)`: one run folder's stages: energy and accuracy per stage, and what the
-  methods did per layer: sparsity (unstructured) or width before / after (structured)
-  (`keras-lean report RUN --plot FILE.png`).
+- `plot_run(report, path)`: one run folder's stages: energy and accuracy per stage, energy and
+  validation accuracy per epoch where the report has them (progressive structured segments, the
+  dense reference), and what the methods did per layer: sparsity (unstructured) or width
+  before / after (structured) (`keras-lean report RUN --plot FILE.png`).
 """
 
 from __future__ import annotations
@@ -214,13 +215,56 @@ def layer_widths(report: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
+def epoch_series(report: Any) -> dict[str, list[dict]]:
+    """label -> one `{epoch, energy_j, accuracy}` per epoch, for the runs that recorded them.
+
+    A method's report that lists its epochs (`epochs`, or `<part>.epochs` such as the
+    progressive segments' `progressive.epochs`: epoch, energy_j, metrics.val_accuracy) gives
+    the series `finetune (<method>)`; the dense reference's `details.epoch_log` gives `dense
+    reference`.
+    """
+    out: dict[str, list[dict]] = {}
+    for name, rep in _method_reports(report).items():
+        if not isinstance(rep, dict):
+            continue
+        parts = [rep, *(v for v in rep.values() if isinstance(v, dict))]
+        epochs = next((p["epochs"] for p in parts if _is_epoch_list(p.get("epochs"))), None)
+        if epochs:
+            out[f"finetune ({name})"] = [_epoch_point(e) for e in epochs]
+    dense = next((s for s in _stage_dicts(report) if s.get("stage") == "dense_reference"), None)
+    log = (dense.get("details") or {}).get("epoch_log") if dense else None
+    if _is_epoch_list(log):
+        out["dense reference"] = [_epoch_point(e) for e in log]
+    return out
+
+
+def _is_epoch_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(e, dict) and "epoch" in e for e in value)
+    )
+
+
+def _epoch_point(e: dict) -> dict:
+    metrics = e.get("metrics") if isinstance(e.get("metrics"), dict) else e
+    acc = metrics.get("val_accuracy", metrics.get("accuracy"))
+    energy = e.get("energy_j")
+    return {
+        "epoch": int(e["epoch"]),
+        "energy_j": None if energy is None else float(energy),
+        "accuracy": None if acc is None else float(acc),
+    }
+
+
 def plot_run(report: Any, path: str | os.PathLike) -> Path:
     """Draws one run's stages into a PNG: energy and accuracy per stage, and per-layer results.
 
     Panels: energy per stage (J, bars, labelled with the energy method); accuracy per stage
     (the stages that measured it, with the baseline and the band `max_accuracy_drop` allows);
-    then per-layer sparsity for each pruning method and/or each layer's width before and after
-    structured pruning, where the report has them.
+    energy and validation accuracy per epoch (`epoch_series`: a progressive fine-tune beside
+    its dense reference); then per-layer sparsity for each pruning method and/or each layer's
+    width before and after structured pruning, where the report has them.
 
     Args:
         report: a `RunReport` (`keras_lean.pipeline.report(RUN)`).
@@ -238,12 +282,16 @@ def plot_run(report: Any, path: str | os.PathLike) -> Path:
         raise ValueError(f"report of run {report.run!r} has no stages to plot")
     sparsity = layer_sparsity(report)
     widths = layer_widths(report)
-    panels = 2 + bool(sparsity) + bool(widths)
+    epochs = epoch_series(report)
+    panels = 2 + bool(epochs) + bool(sparsity) + bool(widths)
     fig = new_figure((9, 3.1 * panels + 0.6))
     axes = fig.subplots(panels, 1)
     _energy_panel(axes[0], stages)
     _accuracy_panel(axes[1], stages)
     k = 2
+    if epochs:
+        _epoch_panel(axes[k], epochs)
+        k += 1
     if sparsity:
         _sparsity_panel(axes[k], sparsity)
         k += 1
@@ -327,6 +375,30 @@ def _accuracy_panel(ax, stages: list[dict]) -> None:
     ax.grid(True, axis="y", alpha=0.3)
 
 
+def _epoch_panel(ax, series: dict[str, list[dict]]) -> None:
+    """J per epoch (solid, left axis) and validation accuracy (dashed, right axis)."""
+    acc_ax = ax.twinx()
+    joules = [p["energy_j"] for points in series.values() for p in points if p["energy_j"]]
+    for k, (label, points) in enumerate(series.items()):
+        xs = [p["epoch"] for p in points]
+        ax.plot(xs, [nan_if_none(p["energy_j"]) for p in points], "o-", color=f"C{k}", label=label)
+        acc = [100 * nan_if_none(p["accuracy"]) for p in points]
+        acc_ax.plot(xs, acc, "s--", color=f"C{k}", alpha=0.7, label=f"{label} accuracy")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("energy per epoch (J)")
+    ax.set_ylim(0, 1.15 * max(joules + [1e-9]))  # room above the highest point
+    acc_ax.set_ylabel("validation accuracy (%)")
+    epochs = sorted({p["epoch"] for points in series.values() for p in points})
+    ax.set_xticks(epochs)
+    ax.set_title(
+        "energy (solid) and validation accuracy (dashed) per epoch", fontsize=9, loc="left"
+    )
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = acc_ax.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=8, loc="lower left")
+    ax.grid(True, alpha=0.3)
+
+
 def _sparsity_panel(ax, sparsity: dict[str, dict[str, float]]) -> None:
     layers = list(dict.fromkeys(name for per in sparsity.values() for name in per))
     n = len(sparsity)
@@ -362,6 +434,7 @@ def _width_panel(ax, widths: dict[str, tuple[int, int]]) -> None:
 
 __all__ = [
     "PLOT_INSTALL_HINT",
+    "epoch_series",
     "fmt",
     "layer_sparsity",
     "layer_widths",

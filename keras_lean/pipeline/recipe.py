@@ -2,7 +2,8 @@
 
 A recipe names the methods to apply and has one section per method (that method's
 `options_class`), plus the pipeline's own sections (`finetune`, `export`, `guard`) and the
-validation gate `max_accuracy_drop`. The full reference is in `docs/recipe.md`. Example::
+validation gate `max_metric_drop` (`accuracy` for classifiers, alias `max_accuracy_drop`;
+`perplexity` for causal LMs). The full reference is in `docs/recipe.md`. Example::
 
     version: 1
     methods: [magnitude]
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from keras_lean._choices import KERAS_QUANTIZATIONS
 from keras_lean.pipeline.methods import get_method_class, method_classes, method_names
 from keras_lean.pipeline.options import (
     Bool,
@@ -50,10 +52,13 @@ RECIPE_VERSION = 1
 JIT_CHOICES = ("on", "off", "auto")
 QUANTIZATION_CHOICES = ("none", "dynamic", "float16", "int8")
 # Keras' own Model.quantize modes for the .keras artifact (keras_lean.export.KERAS_QUANTIZATIONS).
-KERAS_QUANTIZATION_CHOICES = ("none", "int8", "int4", "float8")
+KERAS_QUANTIZATION_CHOICES = KERAS_QUANTIZATIONS
 SPARSE_TFLITE_CHOICES = ("auto", "on", "off")
 FORMAT_CHOICES = ("saved_model", "tflite")
 _MAX_DROP = Float(min=0, max=1)
+_MAX_RISE = Float(min=0)
+#: The validation metrics a recipe budgets (`max_metric_drop`), by the task that uses each.
+GATE_METRICS = ("accuracy", "perplexity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +142,9 @@ class ExportOptions(Section):
             layers, faster in Keras and SavedModel (TFLite folds by itself).
         keras_quantization: also save `model_<mode>.keras`, quantized by Keras' own
             `Model.quantize`: `none`, `int8`, `int4` (Dense / EinsumDense / Embedding layers;
-            convolutions stay float) or `float8` (FP8 matmul state; the file does not shrink).
-            Its size and accuracy go to `deploy.json`.
+            convolutions stay float), `float8` (FP8 matmul state; the file does not shrink), or
+            `gptq` / `awq` (4-bit weights calibrated on `calibration_samples` training samples;
+            keras-hub causal LMs only). Its size and accuracy go to `deploy.json`.
         sparse_tflite: store mostly-zero weight tensors in TFLite's sparse format
             (`EXPERIMENTAL_SPARSITY`; with `int8`, sparsity-preserving quantization), checked
             against a dense-format export of the same model: `auto` does it when at least
@@ -173,7 +179,8 @@ class ExportOptions(Section):
     keras_quantization: str = option(
         "none",
         Choice(*KERAS_QUANTIZATION_CHOICES, aliases={None: "none", False: "none"}),
-        "Keras Model.quantize of the .keras artifact: none | int8 | int4 | float8",
+        "Keras Model.quantize of the .keras artifact: none | int8 | int4 | float8 | gptq | awq "
+        "(gptq, awq: keras-hub causal LMs, calibrated on training samples)",
     )
     sparse_tflite: str = option(
         "auto",
@@ -245,7 +252,9 @@ class DistillOptions(Section):
         teacher: `none` (off), `baseline` (the run's `baseline.keras`) or the path of a
             `.keras` model with the same inputs and outputs.
         alpha: weight of the distillation term, in [0, 1].
-        temperature: softmax temperature (> 0).
+        temperature: softmax temperature (> 0); 1 by default: with a teacher that is ~100 %
+            right on its training split, higher values mostly pass its fit noise (measured in
+            `keras_lean.distill`).
     """
 
     root: ClassVar[str | None] = "distill"
@@ -257,7 +266,9 @@ class DistillOptions(Section):
         check=_check_teacher,
     )
     alpha: float = option(0.5, Float(min=0, max=1), "weight of the teacher's soft targets")
-    temperature: float = option(2.0, Float(gt=0), "softmax temperature of both models")
+    temperature: float = option(
+        1.0, Float(gt=0), "softmax temperature of both models (1: see keras_lean.distill)"
+    )
 
     @property
     def enabled(self) -> bool:
@@ -306,6 +317,11 @@ def _check_distill(methods: tuple[str, ...], options: Mapping[str, Any], section
             )
 
 
+def _or_list(names: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 2 else names)
+
+
 def _check_guard(methods: tuple[str, ...], options: Mapping[str, Any], sections: Mapping) -> None:
     """Refuses a `guard` the methods cannot run in stages, naming the fields involved."""
     stages = tuple(getattr(sections.get("guard"), "stages", ()) or ())
@@ -318,7 +334,7 @@ def _check_guard(methods: tuple[str, ...], options: Mapping[str, Any], sections:
             raise RecipeError(
                 "guard",
                 f"cannot be combined with method {name!r}: {cls.guard_note}. The guard runs "
-                f"{' or '.join(stageable)} alone; remove guard.stages or {name!r}.",
+                f"{_or_list(stageable)} alone; remove guard.stages or {name!r}.",
             )
         cls.check_guard(options[name])
     es = getattr(sections.get("finetune"), "early_stopping", None)
@@ -350,8 +366,12 @@ class Recipe:
         methods: names of the methods to apply, from the registry in
             `keras_lean.pipeline.methods`; applied in ascending `Method.order`.
         method_options: name -> that method's options (its `options_class`).
-        max_accuracy_drop: the validation gate: fine-tuned accuracy may be at most this much
-            (absolute, 0.01 = one point) below the baseline's, in [0, 1].
+        max_accuracy_drop: the validation gate of classifiers (`max_metric_drop.accuracy`; the
+            top-level `max_accuracy_drop` is its alias): fine-tuned accuracy may be at most this
+            much (absolute, 0.01 = one point) below the baseline's, in [0, 1].
+        max_perplexity_rise: the validation gate of causal LMs (`max_metric_drop.perplexity`):
+            fine-tuned perplexity may be at most this much above the baseline's, relative
+            (`(ppl_finetuned - ppl_baseline) / ppl_baseline`; 0.1 = 10 % higher), >= 0.
         sections: the pipeline sections (`finetune`, `export`, ...) by key; see `SECTIONS`.
     """
 
@@ -359,6 +379,7 @@ class Recipe:
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     max_accuracy_drop: float = 0.01
     sections: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_perplexity_rise: float = 0.1
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -395,6 +416,11 @@ class Recipe:
             max_drop = _MAX_DROP.parse(self.max_accuracy_drop)
         except RecipeError as e:
             raise e.under("max_accuracy_drop") from None
+        try:
+            max_rise = _MAX_RISE.parse(self.max_perplexity_rise)
+        except RecipeError as e:
+            raise e.under("max_metric_drop.perplexity") from None
+        object.__setattr__(self, "max_perplexity_rise", max_rise)
         sections = dict(self.sections)
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown:
@@ -439,6 +465,7 @@ class Recipe:
         """
         methods = changes.pop("methods", self.methods)
         max_drop = changes.pop("max_accuracy_drop", self.max_accuracy_drop)
+        max_rise = changes.pop("max_perplexity_rise", self.max_perplexity_rise)
         options = {k: v for k, v in self.method_options.items() if k in methods}
         sections = dict(self.sections)
         for key, value in changes.items():
@@ -451,7 +478,16 @@ class Recipe:
             method_options=options,
             max_accuracy_drop=max_drop,
             sections=sections,
+            max_perplexity_rise=max_rise,
         )
+
+    def metric_budget(self, metric: str) -> float:
+        """The validate gate for `metric` (one of `GATE_METRICS`)."""
+        if metric == "accuracy":
+            return self.max_accuracy_drop
+        if metric == "perplexity":
+            return self.max_perplexity_rise
+        raise ValueError(f"metric must be one of {GATE_METRICS}. Received: metric={metric!r}")
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"version": self.version, "methods": list(self.methods)}
@@ -460,6 +496,10 @@ class Recipe:
         for key in SECTIONS:
             d[key] = self.sections[key].to_dict()
         d["max_accuracy_drop"] = self.max_accuracy_drop
+        d["max_metric_drop"] = {
+            "accuracy": self.max_accuracy_drop,
+            "perplexity": self.max_perplexity_rise,
+        }
         return d
 
     @classmethod
@@ -493,7 +533,7 @@ class Recipe:
             )
         methods = _methods_list(d.get("methods", ["magnitude"]))
         names = method_names()
-        allowed = ["version", "methods", "max_accuracy_drop", *SECTIONS, *names]
+        allowed = ["version", "methods", "max_accuracy_drop", "max_metric_drop", *SECTIONS, *names]
         unknown = [k for k in d if k not in allowed]
         if unknown:
             raise unknown_key(unknown, allowed)
@@ -509,13 +549,45 @@ class Recipe:
                     f"methods or remove the section.",
                 )
         sections = {key: parse_section(sec, d.get(key), key) for key, sec in SECTIONS.items()}
+        max_drop, max_rise = _metric_budgets(d)
         return cls(
             version=d["version"],
             methods=methods,
             method_options=options,
-            max_accuracy_drop=d.get("max_accuracy_drop", 0.01),
+            max_accuracy_drop=max_drop,
             sections=sections,
+            max_perplexity_rise=max_rise,
         )
+
+
+def _metric_budgets(d: Mapping) -> tuple[Any, Any]:
+    """(accuracy drop, perplexity rise) budgets from `max_metric_drop` and its alias
+    `max_accuracy_drop` (both may be given when they agree)."""
+    budgets = d.get("max_metric_drop", {})
+    if budgets is None:
+        budgets = {}
+    if not isinstance(budgets, Mapping):
+        raise RecipeError(
+            "max_metric_drop",
+            f"must be a mapping {{metric: budget}} with metrics {list(GATE_METRICS)}. "
+            f"Received: {budgets!r}",
+        )
+    unknown = [k for k in budgets if k not in GATE_METRICS]
+    if unknown:
+        raise unknown_key(unknown, list(GATE_METRICS)).under("max_metric_drop")
+    max_drop = budgets.get("accuracy", d.get("max_accuracy_drop", 0.01))
+    if "accuracy" in budgets and "max_accuracy_drop" in d and d["max_accuracy_drop"] != max_drop:
+        raise RecipeError(
+            "max_metric_drop.accuracy",
+            f"is {max_drop!r} but its alias max_accuracy_drop is {d['max_accuracy_drop']!r}; "
+            "give one of them.",
+        )
+    if "accuracy" in budgets:
+        try:
+            _MAX_DROP.parse(max_drop)
+        except RecipeError as e:
+            raise e.under("max_metric_drop.accuracy") from None
+    return max_drop, budgets.get("perplexity", 0.1)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -624,10 +696,13 @@ def recipe_to_yaml(recipe: Recipe, *, header: str = "", layers: list[str] | None
         out += ["", f"{key}:  # {_first_line(section_class)}"]
         out.extend(_render_section(recipe.sections[key], 1))
     out.append("")
-    out.append(
-        f"max_accuracy_drop: {_yaml_value(recipe.max_accuracy_drop)}  "
-        "# validate fails (exit 1) if accuracy drops more than this (0.01 = 1 point)"
-    )
+    out += [
+        "max_metric_drop:  # validate fails (exit 1) past this; the task picks the metric",
+        f"  accuracy: {_yaml_value(recipe.max_accuracy_drop)}  # classifiers: absolute drop, "
+        "0.01 = 1 point (alias: top-level max_accuracy_drop)",
+        f"  perplexity: {_yaml_value(recipe.max_perplexity_rise)}  # causal LMs: relative rise "
+        "(ppl_finetuned - ppl_baseline) / ppl_baseline, 0.1 = 10 %",
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_lean.pipeline.distribution import check_global_batch, local_batch
+
 #: Mixed into the generator seeds so they differ from the data-order stream of the same epoch.
 _SEED_STREAM = 0x5EED
 
@@ -115,6 +117,7 @@ def _dataset_class() -> type:
     class _EpochOrderedData(keras.utils.PyDataset):
         def __init__(self, x, y, batch_size, seed, initial_epoch, epochs):
             super().__init__(workers=1, use_multiprocessing=False)
+            check_global_batch(batch_size)  # several processes: each feeds an equal share
             self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
             self.initial_epoch, self.epochs = initial_epoch, epochs
             self.steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -135,6 +138,7 @@ def _dataset_class() -> type:
             epoch = self.initial_epoch + index // self.steps_per_epoch
             b = index % self.steps_per_epoch
             idx = self.order(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = local_batch(idx)  # several processes: this one's part of the global batch
             return _take(self.x, idx), self.y[idx]
 
         def callback(self) -> keras.callbacks.Callback:

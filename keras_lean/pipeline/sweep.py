@@ -456,16 +456,12 @@ def _settle_jit(
 
     import keras
 
-    from keras_lean.pipeline.data import load_data
     from keras_lean.pipeline.models import load_model
     from keras_lean.pipeline.steps import decide_jit_compile
+    from keras_lean.pipeline.steps.common import load_run_data
 
     manifest = source.read_manifest()
-    ds = load_data(
-        str(data) if data is not None else manifest.get("data", "digits"),
-        val_split=val_split if val_split is not None else manifest.get("val_split", 0.2),
-        seed=manifest.get("seed", 0),
-    )
+    ds = load_run_data(manifest, data, val_split)  # a causal-LM run's windows too
     ft = base.finetune
     decision = decide_jit_compile(
         load_model(source.baseline),

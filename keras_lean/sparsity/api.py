@@ -168,8 +168,25 @@ class _Selector:
                 raise ValueError(f"filters pattern(s) {missing} matched no layer of the model.")
 
 
+def _clones_as_graph(model) -> bool:
+    """Whether `keras.models.clone_model(recursive=True)` rebuilds `model` layer by layer: a
+    Sequential, a functional model, or a functional subclass that keeps Functional's `call`
+    (keras-hub backbones such as `BertBackbone`, `GPT2Backbone`). Such a subclass comes back as a
+    plain functional model with the same graph, layers and weights."""
+    if isinstance(model, keras.Sequential):
+        return True
+    fn = functional_class()
+    return isinstance(model, fn) and type(model).call is fn.call
+
+
 def _copy_layer(layer):
-    """A new, built layer with the same config and weights (the original is untouched)."""
+    """A new, built layer with the same config and weights (the original is untouched).
+
+    A `keras.ops` operation of a functional graph (`GetItem`, `Add`, ... : no weights, no
+    `built`) is rebuilt from its config, as `clone_model` does by default.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return type(layer).from_config(layer.get_config())
     try:
         new = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     except TypeError:
@@ -207,7 +224,10 @@ def prune_low_magnitude(
     layer is copied before it is wrapped.
 
     Args:
-        to_prune: a Keras 3 Sequential or functional model, a layer, or a list of layers.
+        to_prune: a Keras 3 Sequential or functional model, a layer, or a list of layers. A
+            functional subclass that keeps Functional's `call` (a keras-hub backbone such as
+            `BertBackbone`, alone or nested) is rebuilt layer by layer and comes back as a plain
+            functional model with the same graph and weights.
         pruning_schedule: a keras_lean or TFMOT `PruningSchedule` or a dict config. Default:
             `ConstantSparsity(0.5, begin_step=0, frequency=100)` (TFMOT's default).
         block_size: (height, width) of weight blocks pruned together (2-D weights only).
@@ -271,8 +291,8 @@ def prune_low_magnitude(
 
 
 def _prune_model(model: keras.Model, defaults: dict, filters) -> keras.Model:
-    # keras.models.clone_model swaps the layers of exactly these two kinds of models.
-    if not (isinstance(model, keras.Sequential) or type(model) is functional_class()):
+    # keras.models.clone_model swaps the layers of exactly these kinds of models.
+    if not _clones_as_graph(model):
         raise ValueError(
             f"prune_low_magnitude supports Sequential and functional models. Received the "
             f"subclassed model {model.name!r} ({type(model).__name__}): wrap its layers "
@@ -309,7 +329,7 @@ def _check_nested(model: keras.Model) -> None:
     for layer in model.layers:
         if not isinstance(layer, keras.Model):
             continue
-        if isinstance(layer, keras.Sequential) or type(layer) is functional_class():
+        if _clones_as_graph(layer):
             _check_nested(layer)
             continue
         inner = [sub.name for sub in flatten_layers(layer) if is_prunable(sub)]

@@ -30,46 +30,82 @@ def keep_count(size: int, sparsity):
     return ops.cast(ops.maximum(kept, 1.0), "int32")
 
 
+def _sortable_keys(flat):
+    """uint32 keys in the order of the float32 values (-0.0 counts as +0.0, as `>=` does).
+
+    The IEEE bits of a non-negative float grow with its value; flipping every bit of a negative
+    one and the sign bit of the others puts all of them in one increasing order.
+    """
+    flat = ops.where(ops.equal(flat, 0.0), ops.zeros_like(flat), flat)
+    bits = ops.view(flat, "uint32")
+    sign = np.uint32(0x80000000)
+    negative = ops.greater_equal(bits, sign)
+    return ops.where(negative, ops.bitwise_invert(bits), ops.bitwise_or(bits, sign))
+
+
+def _set_bit_if_enough(i, carry):
+    """One pass of `_kth_largest_key`: keep bit `31 - i` if that many values still reach it.
+
+    Module-level (keys and k ride in the carry) so JAX reuses the compiled loop across calls.
+    """
+    found, keys, k = carry
+    candidate = ops.bitwise_or(found, ops.left_shift(np.uint32(1), ops.cast(31 - i, "uint32")))
+    at_least = ops.sum(ops.cast(ops.greater_equal(keys, candidate), "int32"))
+    return ops.where(ops.greater_equal(at_least, k), candidate, found), keys, k
+
+
+def _kth_largest_key(keys, k):
+    """The key of the k-th largest value (k >= 1), built bit by bit from the top.
+
+    32 counting passes over the weights: O(32 n) and shape-static, against the full sort that
+    `top_k(k=n)` is (about a hundred times slower on CPU for a 200k-weight kernel). A loop, not
+    32 unrolled passes, keeps the compiled train step small (XLA compiles it ~4x faster).
+    """
+    start = (ops.zeros((), "uint32"), keys, ops.cast(k, "int32"))
+    return ops.fori_loop(0, 32, _set_bit_if_enough, start)[0]
+
+
 def threshold_mask(scores, sparsity):
-    """TFMOT's magnitude mask: keep `scores >= (k-th largest score)` (ties kept) and the k-th one.
+    """TFMOT's magnitude mask: keep `scores >= (k-th largest score)` (ties kept).
 
     Args:
-        scores: non-negative tensor (e.g. `|w|`), any shape.
+        scores: non-negative tensor (e.g. `|w|`), any shape, finite.
         sparsity: scalar target sparsity in [0, 1).
 
     Returns:
         A 0/1 tensor shaped like `scores`, float32.
     """
     size = int(np.prod(scores.shape))
-    flat = ops.reshape(scores, (size,))
-    values, indices = ops.top_k(flat, k=size)
-    k = keep_count(size, sparsity)
-    threshold = ops.take(values, k - 1)
-    position = ops.take(indices, k - 1)
-    keep = ops.logical_or(
-        ops.greater_equal(flat, threshold),
-        ops.cast(ops.one_hot(position, size, dtype="float32"), "bool"),
-    )
+    keys = _sortable_keys(ops.reshape(ops.cast(scores, "float32"), (size,)))
+    threshold = _kth_largest_key(keys, keep_count(size, sparsity))
+    keep = ops.greater_equal(keys, threshold)
     return ops.reshape(ops.cast(keep, "float32"), scores.shape)
 
 
 def topk_mask(scores, sparsity):
     """Keeps exactly the k highest scores (ties broken by position); used for movement scores.
 
+    Among scores equal to the k-th largest, the first ones in memory order are kept, as
+    `top_k` ranks them.
+
     Args:
-        scores: tensor of any sign and shape.
+        scores: tensor of any sign and shape, finite.
         sparsity: scalar target sparsity in [0, 1).
 
     Returns:
         A 0/1 float32 tensor shaped like `scores` with exactly `keep_count` ones.
     """
     size = int(np.prod(scores.shape))
-    flat = ops.reshape(ops.cast(scores, "float32"), (size,))
-    _, indices = ops.top_k(flat, k=size)
+    keys = _sortable_keys(ops.reshape(ops.cast(scores, "float32"), (size,)))
     k = keep_count(size, sparsity)
-    ranked_keep = ops.cast(ops.less(ops.arange(size, dtype="int32"), k), "float32")
-    mask = ops.scatter(ops.expand_dims(indices, -1), ranked_keep, (size,))
-    return ops.reshape(mask, scores.shape)
+    threshold = _kth_largest_key(keys, k)
+    above = ops.greater(keys, threshold)
+    ties = ops.cast(ops.equal(keys, threshold), "int32")
+    room = k - ops.sum(ops.cast(above, "int32"))  # how many of the ties still fit
+    keep = ops.logical_or(
+        above, ops.logical_and(ops.greater(ties, 0), ops.less_equal(ops.cumsum(ties), room))
+    )
+    return ops.reshape(ops.cast(keep, "float32"), scores.shape)
 
 
 def _pad_to(x, multiple: tuple[int, int], value: float):

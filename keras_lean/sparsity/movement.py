@@ -6,8 +6,17 @@ Every pruned weight `W` gets a trainable score `S` of the same shape. The forwar
 - hard movement (`criterion="movement"`): `M = TopK(S)` at the schedule's sparsity, exactly
   `keep_count` weights kept per tensor (also N:M and block masks, ranked by `S`);
 - soft movement (`criterion="soft_movement"`): `M = sigmoid(S) > tau`, with an L1 penalty
-  `l1_coefficient * mean(sigmoid(S))` per pruned tensor added to the loss; the sparsity is
-  whatever the penalty and the threshold give (the schedule only sets when and how fast).
+  `l1_coefficient * mean(sigmoid(S))` per pruned tensor added to the loss. Two ways to set
+  `tau` (`MovementSettings.follows_schedule`):
+  - `threshold=None` (the default): `tau` is re-set at every pruning step to the value that
+    keeps exactly the schedule's `1 - s_t` of each tensor (the `s_t`-quantile of `sigmoid(S)`,
+    so the mask is `TopK(S)`: sigmoid is monotonic). Each pruned tensor reaches the schedule's
+    final sparsity, as with magnitude and hard movement, so a target (recipe, sweep, guard)
+    means the same for all three; the L1 penalty still pulls the scores down, hardest where
+    `sigmoid'(S)` is largest (scores near 0, the undecided weights).
+  - `threshold=t` (the paper's fixed threshold): `tau` ramps to `t` along the schedule and the
+    sparsity is whatever the penalty and the threshold give (the schedule only sets when and
+    how fast): it can differ from the schedule's final sparsity in either direction.
 
 The mask is a step function, so it has no gradient. The straight-through estimator (STE) treats
 it as the identity in the backward pass: the forward value is written
@@ -38,15 +47,19 @@ briefly (the embedded default: 4 epochs of digits) that lost 2 points at 50 % an
 `c = 10`: Adam moves a score by at most `c * lr` per step, so over a fine-tune of `T` steps
 movement can reorder weights whose normalised magnitudes differ by up to `10 * lr * T` (1.8
 for the default 180 steps at 1e-3). `score_init="zeros"` gives the paper's initialisation.
-Soft movement keeps the paper's zero init (`sigmoid(0) = 0.5`) with `c = 100` (the paper:
-1e-2 for scores vs 3e-5 for weights), so that scores can cross the threshold in a short run.
+Soft movement following the schedule starts the same way (magnitude init, `c = 10`): it ranks
+scores as hard movement does, and under the guard a weight zeroed by an earlier stage then
+starts with the lowest score instead of tying with the live weights at 0. With a fixed
+`threshold`, soft movement keeps the paper's zero init (`sigmoid(0) = 0.5`) with `c = 100` (the
+paper: 1e-2 for scores vs 3e-5 for weights), so that scores can cross the threshold in a short
+run (`FIXED_THRESHOLD_DEFAULTS`).
 
 Schedule. Masks are recomputed from the scores at every pruning step of the wrapper's schedule
 (`PolynomialDecay` with power 3 is the paper's cubic sparsity warm-up; before `begin_step` every
 weight is kept while the scores already learn). For soft movement, the threshold and the L1
-weight follow the same curve, `tau_t = threshold * s_t / s_final` and
-`lambda_t = l1_coefficient * s_t / s_final` (as the paper ramps lambda with tau), updated at the
-pruning steps.
+weight follow the same curve, `tau_t = threshold * s_t / s_final` (fixed threshold) and
+`lambda_t = l1_coefficient * s_t / s_final` (both variants; the paper ramps lambda with tau),
+updated at the pruning steps.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ from keras import ops
 
 __all__ = [
     "DEFAULTS",
+    "FIXED_THRESHOLD_DEFAULTS",
     "MOVEMENT_CRITERIA",
     "SCORE_INITS",
     "MovementSettings",
@@ -75,15 +89,20 @@ DEFAULTS: dict[str, dict] = {
     # fine-tune that lets movement reorder weights without first discarding what the trained
     # weights know (zero-init TopK starts from sign noise on a converged model).
     "movement": {"score_init": "magnitude", "score_lr_multiplier": 10.0},
-    # Soft: the paper's set-up: zero init (sigmoid(0) = 0.5), scores ~100x faster than the
-    # weights (the paper: 1e-2 vs 3e-5), final threshold 0.1 on sigmoid(S).
+    # Soft: threshold None = tau follows the schedule's sparsity (each tensor reaches it), so
+    # the scores start and learn as hard movement's; a given threshold switches to the paper's
+    # fixed-threshold set-up (FIXED_THRESHOLD_DEFAULTS).
     "soft_movement": {
-        "score_init": "zeros",
-        "score_lr_multiplier": 100.0,
-        "threshold": 0.1,
+        "score_init": "magnitude",
+        "score_lr_multiplier": 10.0,
+        "threshold": None,
         "l1_coefficient": 1.0,
     },
 }
+# Soft movement with a fixed `threshold` (the paper's set-up): zero init (sigmoid(0) = 0.5),
+# scores ~100x faster than the weights (the paper: 1e-2 vs 3e-5); these replace DEFAULTS'
+# entries for the arguments left None.
+FIXED_THRESHOLD_DEFAULTS: dict = {"score_init": "zeros", "score_lr_multiplier": 100.0}
 _APPLIES_TO = {
     "score_init": "criterion='movement' or 'soft_movement'",
     "score_lr_multiplier": "criterion='movement' or 'soft_movement'",
@@ -114,7 +133,9 @@ class MovementSettings:
         criterion: "movement" (hard, TopK) or "soft_movement" (sigmoid threshold + L1).
         score_init: "magnitude" (`|W| / mean|W|` per tensor) or "zeros" (the paper's).
         score_lr_multiplier: scores learn at this multiple of the optimizer's learning rate.
-        threshold: soft movement only: keep a weight while `sigmoid(S) > threshold`, in (0, 1).
+        threshold: soft movement only: None (tau follows the schedule: each tensor keeps
+            exactly the schedule's `1 - s_t`), or a fixed final threshold on `sigmoid(S)` in
+            (0, 1) (the sparsity then comes from it and the L1 penalty).
         l1_coefficient: soft movement only: weight of `mean(sigmoid(S))` in the loss, >= 0.
     """
 
@@ -144,6 +165,8 @@ class MovementSettings:
                 )
         if criterion not in MOVEMENT_CRITERIA:
             return None
+        if criterion == "soft_movement" and given.get("threshold") is not None:
+            defaults = {**defaults, **FIXED_THRESHOLD_DEFAULTS}
         values = {k: (v if given.get(k) is None else given[k]) for k, v in defaults.items()}
         if values["score_init"] not in SCORE_INITS:
             raise ValueError(
@@ -154,9 +177,10 @@ class MovementSettings:
             "score_lr_multiplier", values["score_lr_multiplier"], low=0.0, open_low=True
         )
         if criterion == "soft_movement":
-            values["threshold"] = _number(
-                "threshold", values["threshold"], low=0.0, high=1.0, open_low=True
-            )
+            if values["threshold"] is not None:
+                values["threshold"] = _number(
+                    "threshold", values["threshold"], low=0.0, high=1.0, open_low=True
+                )
             values["l1_coefficient"] = _number(
                 "l1_coefficient", values["l1_coefficient"], low=0.0, open_low=False
             )
@@ -165,6 +189,12 @@ class MovementSettings:
     @property
     def soft(self) -> bool:
         return self.criterion == "soft_movement"
+
+    @property
+    def follows_schedule(self) -> bool:
+        """True when the masks keep exactly the schedule's fraction: hard movement, and soft
+        movement without a fixed `threshold`."""
+        return not self.soft or self.threshold is None
 
 
 def soft_final_sparsity(settings, schedule, m_by_n, block_size) -> float | None:
@@ -192,8 +222,9 @@ def soft_final_sparsity(settings, schedule, m_by_n, block_size) -> float | None:
         if value is not None:
             return float(value)
     raise ValueError(
-        "criterion='soft_movement' ramps its threshold along the schedule's sparsity curve, so "
-        "it needs a schedule with a final sparsity (keras_lean PolynomialDecay or "
+        "criterion='soft_movement' ramps its L1 weight (and a fixed threshold) along the "
+        "schedule's sparsity curve, so it needs a schedule with a final sparsity (keras_lean "
+        "PolynomialDecay or "
         f"ConstantSparsity). Received: {schedule!r}"
     )
 

@@ -11,6 +11,12 @@ Two ways in, as in TFMOT (`prune_registry.py` + `prunable_layer.py`):
   `register_prunable(layer_class, weights_fn)`, the same call a user can make for a layer class
   they cannot edit. The registration of the nearest class in the layer's MRO wins; registering
   `None` marks a class (and its subclasses) as not prunable.
+- keras-hub's `TransformerEncoder` and `TransformerDecoder` (one layer each, holding attention
+  and a feed-forward block) are registered once keras_hub has been imported (never importing it
+  here: it takes seconds, and a keras-hub layer exists only once it is): their weights are the
+  kernels of their attention projections (query, key, value, output; a decoder's cross
+  attention too) and of their feed-forward Dense layers. `register_prunable(block_class, None)`
+  made before still wins.
 
 Example:
 
@@ -27,13 +33,19 @@ Example:
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 
-from keras_lean._keras_internals import layer_embeddings, layer_kernel, mha_projections
+from keras_lean._keras_internals import (
+    flatten_layers,
+    layer_embeddings,
+    layer_kernel,
+    mha_projections,
+)
 
 __all__ = [
     "PrunableLayer",
@@ -108,6 +120,7 @@ def register_prunable(layer_class: type, weights_fn: WeightsFn | None) -> None:
 
 
 def _registered(layer: Any) -> WeightsFn | None:
+    _register_hub_blocks()
     for cls in type(layer).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -151,8 +164,10 @@ def prunable_weights(layer: Any) -> list[PrunableWeight] | None:
 
     Dense, EinsumDense: kernel. Conv1D/2D/3D: kernel. DepthwiseConv1D/2D: depthwise kernel.
     SeparableConv1D/2D: both the depthwise and the pointwise kernel. Embedding: embeddings.
-    MultiHeadAttention: the query, key, value and output projection kernels. A `PrunableLayer`:
-    what its `get_prunable_weights()` returns.
+    MultiHeadAttention: the query, key, value and output projection kernels. keras-hub
+    TransformerEncoder / TransformerDecoder: the kernels of every Dense / EinsumDense inside (the
+    attention projections and the feed-forward layers). A `PrunableLayer`: what its
+    `get_prunable_weights()` returns.
     """
     if isinstance(layer, PrunableLayer):
         return _protocol_weights(layer)
@@ -162,6 +177,7 @@ def prunable_weights(layer: Any) -> list[PrunableWeight] | None:
 
 def prunable_layer_types() -> tuple[str, ...]:
     """Names of the registered prunable layer classes (for messages)."""
+    _register_hub_blocks()
     return tuple(cls.__name__ for cls, fn in _REGISTRY.items() if fn is not None)
 
 
@@ -193,6 +209,44 @@ def _mha_weights(layer: Any) -> list[PrunableWeight]:
             PrunableWeight(f"{part}/kernel", k, _einsum_input_axis(sub.equation, len(k.shape)))
         )
     return out
+
+
+def _hub_block_weights(block: Any) -> list[PrunableWeight]:
+    """A keras-hub transformer block's weights: the Dense / EinsumDense kernels nested in it (its
+    attention layers' query/key/value/output projections, the feed-forward intermediate and
+    output Dense), named by their path below the block (`self_attention/query/kernel`)."""
+    out, seen = [], set()
+    dense = (keras.layers.Dense, keras.layers.EinsumDense)
+    for sub in flatten_layers(block):
+        if not isinstance(sub, dense):
+            continue
+        for w in prunable_weights(sub) or []:
+            name = _relative_path(w.variable, block)
+            if name in seen or "/" not in name:  # a path outside the block: the sublayer's name
+                name = f"{sub.name}/{w.name}"
+            seen.add(name)
+            out.append(PrunableWeight(name, w.variable, w.input_axis))
+    return out
+
+
+#: keras-hub's transformer blocks that prune like one layer holding their Dense kernels.
+HUB_BLOCKS = ("TransformerEncoder", "TransformerDecoder")
+_hub_registered = False
+
+
+def _register_hub_blocks() -> None:
+    """Registers `HUB_BLOCKS` once keras_hub has been imported (by anyone); never imports it."""
+    global _hub_registered
+    if _hub_registered:
+        return
+    layers = getattr(sys.modules.get("keras_hub"), "layers", None)
+    if layers is None:  # not imported (or still importing): no keras-hub layer exists yet
+        return
+    _hub_registered = True
+    for name in HUB_BLOCKS:
+        cls = getattr(layers, name, None)
+        if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
+            _REGISTRY.setdefault(cls, _hub_block_weights)  # a user's earlier registration wins
 
 
 def _register_builtins() -> None:

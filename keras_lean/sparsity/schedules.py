@@ -130,7 +130,7 @@ def _check_steps(begin_step: Any, end_step: Any, frequency: Any, allow_forever: 
 
 def _should_prune(step, begin_step: int, end_step: int, frequency: int):
     """TFMOT's rule: prune in [begin_step, end_step] (end_step=-1: forever) every `frequency`."""
-    step = ops.cast(step, "int64")
+    step = ops.cast(step, _backend.step_dtype())
     in_range = ops.greater_equal(step, begin_step)
     if end_step >= 0:
         in_range = ops.logical_and(in_range, ops.less_equal(step, end_step))
@@ -244,7 +244,7 @@ class PolynomialDecay(PruningSchedule):
     def __call__(self, step):
         # Same float32 arithmetic as TFMOT, so both pick the same k at every step.
         span = max(self.end_step - self.begin_step, 0)
-        delta = ops.cast(ops.cast(step, "int64") - self.begin_step, "float32")
+        delta = ops.cast(ops.cast(step, _backend.step_dtype()) - self.begin_step, "float32")
         if span == 0:
             p = ops.where(ops.greater_equal(delta, 0.0), 1.0, 0.0)
         else:

@@ -3,7 +3,8 @@
 How pruning works here (and why):
 
 - Each prunable weight of the wrapped layer gets a non-trainable 0/1 mask variable; the wrapper
-  owns a non-trainable int64 `pruning_step`, the number of training steps run so far.
+  owns a non-trainable int64 (int32 under JAX) `pruning_step`, the number of training steps run
+  so far.
 - `call(..., training=True)` first increments the step (so the first batch runs at step 1,
   exactly as TFMOT's wrapper with its `UpdatePruningStep` callback) and, when the schedule says so
   (`keras.ops.cond`), recomputes the masks. Everything is in-graph, so a plain `model.fit`
@@ -91,12 +92,16 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             The mask is recomputed whenever the schedule says to prune; its sparsity is ignored.
         criterion: "magnitude" (|w|), or learned movement scores trained through a
             straight-through estimator (see `keras_lean.sparsity.movement`): "movement" (hard,
-            TopK of the scores) or "soft_movement" (`sigmoid(S) > threshold`, L1 penalty).
+            TopK of the scores) or "soft_movement" (`sigmoid(S) > tau`, L1 penalty).
             With movement, pruned weights keep their values and can regrow.
         update_masks: False freezes the masks (set them with `set_masks`); the step still counts.
         score_lr_multiplier: movement criteria: the scores learn at this multiple of the
             optimizer's learning rate.
-        threshold: "soft_movement": keep weights with `sigmoid(S) > threshold`, in (0, 1).
+        threshold: "soft_movement": None (default): each pruned tensor keeps exactly the
+            schedule's fraction (tau is the `s_t`-quantile of `sigmoid(S)` at every pruning
+            step); a number in (0, 1): the paper's fixed threshold, keep `sigmoid(S) >
+            threshold` (ramped along the schedule), and the sparsity is what it and the L1
+            penalty give.
         l1_coefficient: "soft_movement": weight of the L1 penalty on `sigmoid(S)`, >= 0.
         score_init: movement criteria: "magnitude" (scores start at `|W| / mean|W|`) or
             "zeros" (the paper's). For these four, None is the criterion's documented
@@ -217,7 +222,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(
             name="pruning_step",
             shape=(),
-            dtype="int64",
+            dtype=_backend.step_dtype(),  # int64 (TFMOT's); int32 under JAX
             initializer="zeros",
             trainable=False,
             aggregation="only_first_replica",
@@ -299,8 +304,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         movement = self.movement is not None
         if movement:
             scores = self._scores[index].value * self.movement.score_lr_multiplier
-            if threshold is not None:  # soft movement
+            if threshold is not None:  # soft movement, fixed threshold
                 return movement_lib.soft_mask(scores, threshold)
+            # else TopK: hard movement, or soft movement whose tau keeps the schedule's fraction
         else:
             scores = ops.abs(ops.cast(w.variable.value, "float32"))
         if self.sparsity_m_by_n is not None:
@@ -331,8 +337,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             if self._movement_ramp is not None:
                 ramp = movement_lib.ramp_value(sparsity, self._soft_final)
                 # (the variable's dtype: mixed precision reads it as float16 in `keep`)
-                threshold = self.movement.threshold * ramp
                 extra = [ops.cast(ramp, self._movement_ramp.dtype)]
+                if not self.movement.follows_schedule:  # a fixed threshold, ramped
+                    threshold = self.movement.threshold * ramp
             masks = [
                 ops.cast(self._mask_for(i, sparsity, threshold), m.dtype)
                 for i, m in enumerate(self._masks)

@@ -14,6 +14,9 @@ surviving weights, so every runtime (Keras, XLA, TFLite) runs fewer FLOPs.
   physically removes the channels at each pruning event (optimizer state sliced along,
   `optimizer_state.py`), so every later step is cheaper.
 - `round_to="auto"`: surviving widths rounded to this CPU's vector lanes (`simd_lanes`).
+- `prune_hidden_width(model, ratio, importance)`: removes hidden channels (the residual stream)
+  of a keras-hub transformer from the embeddings, every block, the LayerNorms and the head, as
+  one group (Minitron's width pruning; `width.py`, `hidden_width_scores` ranks them).
 - `register_channel_rule(layer_class, rule)`: how a custom layer moves and is narrowed
   (`ChannelRule`); the built-in layers are registered the same way (`rules.py`,
   docs/extending.md).
@@ -54,6 +57,11 @@ from keras_lean.structured.rules import (
     register_channel_rule,
 )
 from keras_lean.structured.surgery import flatten_model
+from keras_lean.structured.width import (
+    WIDTH_IMPORTANCE,
+    hidden_width_scores,
+    prune_hidden_width,
+)
 
 if importlib.util.find_spec("keras_hub") is not None:
     # registers PrunedTransformerEncoder / PrunedTransformerDecoder, so pruned keras-hub models
@@ -75,11 +83,14 @@ __all__ = [
     "SkippedLayer",
     "StructureReport",
     "UnsupportedLayer",
+    "WIDTH_IMPORTANCE",
     "build_graph",
     "carry_optimizer_state",
     "flatten_model",
     "get_channel_rule",
+    "hidden_width_scores",
     "keep_count",
+    "prune_hidden_width",
     "prune_structured",
     "prune_structured_gradually",
     "prune_structured_progressively",

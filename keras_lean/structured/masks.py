@@ -27,6 +27,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lean import _backend
+
 __all__ = ["ChannelMask", "MaskedLayerNormalization", "MaskedMultiHeadAttention", "keep_count"]
 
 # Tolerance for `floor(size * sparsity)`, so float32 rounding (in-graph) and float64 (numpy) agree.
@@ -97,7 +99,11 @@ class _GroupMaskMixin:
             name="mask", shape=(n,), initializer="ones", trainable=False, dtype="float32"
         )
         self.pruning_step = self.add_weight(
-            name="pruning_step", shape=(), initializer="zeros", trainable=False, dtype="int64"
+            name="pruning_step",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype=_backend.step_dtype(),  # int64; int32 under JAX (no int64 without x64)
         )
 
     def _update_mask(self):
@@ -109,7 +115,7 @@ class _GroupMaskMixin:
         ranks = ops.convert_to_tensor(self.ranks, "float32")
         new_mask = ops.cast(ops.less(ranks, keep), "float32")
         self.mask.assign(ops.where(should_prune, new_mask, self.mask.value))
-        self.pruning_step.assign_add(ops.cast(1, "int64"))
+        self.pruning_step.assign_add(ops.cast(1, self.pruning_step.dtype))
 
     def _mask_config(self) -> dict:
         return {

@@ -10,12 +10,14 @@ recompiled, and every later step runs on the smaller model. The trajectory is th
 masked channel contributes exact zeros, a removed one nothing), without paying for the zeros.
 
 A shrink has a fixed cost (dependency graph, rebuild, optimizer rebuild, compile, retrace on the
-first step), measured every time. With `shrink_when="cost"` an event is acted on only when the
-step time it saves over the remaining steps outweighs the measured cost of the last shrink (step
-time is converted from FLOPs with the step times measured so far); otherwise its removals wait for
-a later event. Before the first shrink, the measured trace time of the first compile stands in
-for the cost. The last event of the schedule always runs (the target is reached with training
-left after it).
+first step), measured every time. The last event of the schedule always runs (the target is
+reached with training left after it), so acting on an earlier event buys the smaller model only
+for the steps until that last event, at the price of one more shrink. With `shrink_when="cost"`
+an earlier event is acted on only when the step time it saves over those steps outweighs the
+measured cost of the last shrink (step time is converted from FLOPs with the step times
+measured so far); otherwise its removals wait for a later event. Before the first shrink, the
+measured trace time of the first compile stands in for the cost. A small model on a fast
+device thus shrinks once; a large one at every event.
 
 Training order: epoch `e` visits the samples in the order of the `e`-th
 `np.random.default_rng(seed).permutation(n)` (no shuffling with `shuffle=False`), in batches of
@@ -23,12 +25,19 @@ Training order: epoch `e` visits the samples in the order of the `e`-th
 `tf.data` pipeline gathering the batches from one copy of the data; a callback opens and closes
 the epoch windows at the epoch boundaries, and evaluates `validation_data` there, outside them).
 A run with a schedule that removes nothing is exactly dense fine-tuning in that order.
+The random-seed states of the model (dropout, noise) are set from `(seed, step)` as every epoch
+and every segment's `fit` begins (a rebuilt model's layers would otherwise draw new ones).
+
+Checkpoints: `epoch_end(epoch, model, state)` is called after every epoch with the current
+(shrunk, compiled) model and a JSON state (`progressive_state`); passing the saved model and
+state back (`resume=state`) continues after that epoch as the uninterrupted run does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -40,12 +49,14 @@ from keras_lean.structured.api import (
     _check_model,
     _final_sparsity,
     _warn_if_nothing_prunable,
+    resolve_importance,
     structure_report,
 )
 from keras_lean.structured.graph import DependencyGraph, build_graph
 from keras_lean.structured.hardware import resolve_round_to
 from keras_lean.structured.importance import unit_scores
 from keras_lean.structured.optimizer_state import carry_optimizer_state, trace_weight_slices
+from keras_lean.structured.progressive_loop import Batches, EpochClock, SegmentCallback
 from keras_lean.structured.progressive_plan import (
     DEFAULT_PRUNE_END,
     DEFAULT_PRUNE_EVENTS,
@@ -63,6 +74,7 @@ from keras_lean.structured.progressive_report import (
     SegmentRecord,
     ShrinkRecord,
 )
+from keras_lean.structured.progressive_state import check_state, restore, run_state
 from keras_lean.structured.surgery import flatten_model, has_nested_models, rebuild, width_of
 
 __all__ = [
@@ -76,113 +88,16 @@ __all__ = [
 SHRINK_POLICIES = ("cost", "always")
 
 
-class _SegmentCallback(keras.callbacks.Callback):
-    """Per batch of one segment's `fit`: step times, and the epoch boundaries (via `clock`)."""
-
-    def __init__(self, clock, start: int):
-        super().__init__()
-        self.clock = clock
-        self.step = start
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.clock.begin_step(self.step)
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t0)
-        self.step += 1
-        self.clock.end_step(self.step)
-
-    def on_train_end(self, logs=None):
-        self.clock.end_part()
-
-
-class _EpochClock:
-    """Opens and closes the epoch windows (and the segment parts inside them) at step boundaries.
-
-    An epoch window stays open across a shrink (the shrink window nests in it); a part window
-    covers the batches of one segment in one epoch.
-    """
-
-    def __init__(self, run, steps_per_epoch: int, validation_data):
-        self.run = run
-        self.spe = steps_per_epoch
-        self.validation_data = validation_data
-        self._epoch = None  # [context, window, epoch index, t0, flops]
-        self._part = None  # [context, window, t0, first step]
-        self._last = 0  # one past the last step run
-
-    def begin_step(self, step: int) -> None:
-        kw = self.run.kw
-        if self._epoch is None:
-            e = step // self.spe
-            cm = kw["window"](f"{kw['name']}/epoch_{e + 1}", None)
-            self._epoch = [cm, cm.__enter__(), e, time.perf_counter(), 0.0]
-        if self._part is None:
-            e = self._epoch[2]
-            name = f"{kw['name']}/segment_{len(self.run.shrinks)}/epoch_{e + 1}"
-            cm = kw["window"](name, None)
-            self._part = [cm, cm.__enter__(), time.perf_counter(), step]
-
-    def end_step(self, step: int) -> None:
-        self._last = step
-        if step % self.spe == 0:
-            self.end_part()
-            self._end_epoch()
-
-    def end_part(self) -> None:
-        if self._part is None:
-            return
-        cm, w, t0, first = self._part
-        self._part = None
-        start = self._epoch[2] * self.spe
-        samples = self.run.samples_in(first - start, self._last - start)
-        flops = 3.0 * self.run.seg["flops"] * samples
-        if w is not None:
-            w.flops = flops
-        cm.__exit__(None, None, None)
-        self._epoch[4] += flops
-        self.run.add_part(time.perf_counter() - t0, w)
-
-    def _end_epoch(self) -> None:
-        cm, w, e, t0, flops = self._epoch
-        self._epoch = None
-        if w is not None:
-            w.flops = flops
-        cm.__exit__(None, None, None)
-        duration = time.perf_counter() - t0
-        metrics = {}
-        if self.validation_data is not None:
-            metrics = self.run.model.evaluate(
-                *self.validation_data,
-                batch_size=self.run.kw["batch_size"],
-                verbose=0,
-                return_dict=True,
-            )
-        self.run.epochs.append(
-            EpochRecord(
-                epoch=e + 1,
-                duration_s=duration,
-                energy_j=None if w is None or w.record is None else w.record.energy_j,
-                flops=flops,
-                params=int(self.run.model.count_params()),
-                metrics={f"val_{k}": float(v) for k, v in metrics.items()},
-            )
-        )
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
 class _Run:
     """State of one progressive run (the current model, bookkeeping, records)."""
 
-    def __init__(self, model, graph, plan, targets, kw):
+    def __init__(self, model, graph, total_units, targets, kw):
         self.model = model
         self.graph: DependencyGraph | None = graph  # of `model`; None until needed again
-        self.plan = plan
+        self.total_units = total_units
         self.positions = Positions(graph)
         self.targets = targets
         self._steps = sorted(targets)
@@ -196,6 +111,7 @@ class _Run:
         self.epochs: list[EpochRecord] = []
         self._seg = self._new_segment(0)
         self._recompiled = True
+        self._live: list[float] = []  # step times of the `fit` under way
         self.first_trace_s: float | None = None  # the cost estimate before any shrink ran
 
     # segments ------------------------------------------------------------------------------
@@ -218,7 +134,7 @@ class _Run:
             return
         step_time = float(np.median(s["times"])) if s["times"] else None
         self.times.add(s["flops"], step_time)
-        total = len(self.plan.units)
+        total = self.total_units
         units = total - len(self.removed)
         widths = {}
         for layer in self.model.layers:
@@ -257,13 +173,15 @@ class _Run:
         if w is not None and w.record is not None:
             s["energy"] = (s["energy"] or 0.0) + w.record.energy_j
 
-    def fit(self, dataset, start: int, stop: int, clock: _EpochClock) -> None:
+    def fit(self, dataset, start: int, stop: int, clock: EpochClock) -> None:
         """Trains the current model on steps [start, stop) (one `fit` call, `dataset`)."""
         kw = self.kw
-        callback = _SegmentCallback(clock, start)
+        callback = SegmentCallback(clock, start)
+        self._live = callback.times
         self.model.fit(
             dataset, epochs=1, shuffle=False, callbacks=[callback], verbose=kw["verbose"]
         )
+        self._live = []
         times = callback.times
         if len(times) > 1:
             self._seg["times"].extend(times[1:])
@@ -314,7 +232,9 @@ class _Run:
         per_step = self.times.saving(self._seg["flops"], after, current)
         if cost is None or per_step is None:
             return "shrink" if live else "live"
-        saving = per_step * (self.kw["total_steps"] - step)
+        # The last event always runs and removes whatever is still pending then, so acting
+        # now buys the smaller model only for the steps until it, at the price of one shrink.
+        saving = per_step * (self._steps[-1] - step)
         if saving > cost:
             return "shrink"
         self.deferred.append(
@@ -372,6 +292,12 @@ class _Run:
                 energy_j=None if w is None or w.record is None else w.record.energy_j,
             )
         )
+
+    def epoch_done(self, epoch: int) -> None:
+        """After epoch `epoch` (from 1): hands the model and the run's state to `epoch_end`."""
+        hook = self.kw.get("epoch_end")
+        if hook is not None:
+            hook(epoch, self.model, run_state(self, epoch))
 
     def finish(self, total_steps: int) -> None:
         self._close_segment(total_steps)
@@ -466,6 +392,9 @@ def prune_structured_progressively(
     tracker: Any = None,
     window_name: str = "progressive",
     verbose: int = 0,
+    epoch_end: Callable[[int, keras.Model, dict], Any] | None = None,
+    resume: dict | None = None,
+    original: keras.Model | None = None,
 ) -> tuple[keras.Model, ProgressiveReport]:
     """Fine-tunes `model` while removing channels for real, so each later step costs less.
 
@@ -485,14 +414,15 @@ def prune_structured_progressively(
             final sparsity is `ratio`; default: PolynomialDecay from 0 to `ratio` (power 3)
             over the first `prune_end` of the steps in `prune_events` pruning events.
         prune_end: with `schedule=None`, the fraction of the steps by which the target is
-            reached (default 0.3: the cubic ramp removes most units early, so most steps run
+            reached (default 0.1: the cubic ramp removes most units early, so most steps run
             on the smallest model).
         prune_events: with `schedule=None`, the number of pruning events (default 3; each
             shrink costs a rebuild and a retrace).
         importance, round_to, min_channels, exclude, global_ranking, taylor_batches: as for
             `prune_structured` (ranking once, on the starting weights, as the gradual masks).
-        shrink_when: `"cost"` (act on an event when the measured step time it saves over the
-            remaining steps outweighs the last shrink's measured cost) or `"always"`.
+        shrink_when: `"cost"` (act on an event when the measured step time it saves until the
+            last event, which always runs, outweighs the last shrink's measured cost) or
+            `"always"`.
         jit_compile: `model.compile`'s choice; resolved once and reused for every segment.
         shuffle: visit the samples of each epoch in a seeded random order.
         seed: seed of that order.
@@ -500,6 +430,15 @@ def prune_structured_progressively(
         tracker: an `EnergyTracker`: every epoch, segment part and shrink is its own window.
         window_name: prefix of those windows' names.
         verbose: `fit`'s verbosity.
+        epoch_end: called after every epoch as `epoch_end(epoch, model, state)` (epoch from
+            1): the current model (compiled, with its optimizer state) and the JSON-able
+            state that continues the run from there (`progressive_state`); a checkpoint.
+        resume: such a `state`: `model` is then the model saved with it (compiled, its
+            optimizer state is carried over; not changed), training continues after its
+            epoch with the same data order and pruning events, and `optimizer`, `schedule`
+            and the ranking arguments are not used (the state holds what they decided).
+        original: the model the structure report compares with (default `model`; when
+            resuming, pass the model the run started from).
 
     Returns:
         `(model, report)`: the final, smaller model (compiled, with its optimizer state) and a
@@ -525,59 +464,90 @@ def prune_structured_progressively(
         raise ValueError("loss is required (the model is not compiled with one).")
     steps_per_epoch = -(-n // batch_size)
     total_steps = epochs * steps_per_epoch
-    schedule = _resolve_schedule(schedule, ratio, total_steps, prune_end, prune_events)
-    work = _working_copy(model)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    graph = build_graph(work, tuple(exclude))
-    _warn_if_nothing_prunable(graph, ratio)
-    scores = unit_scores(
-        graph,
-        importance,
-        data=(x, y),
-        loss=keras.losses.get(loss) if isinstance(loss, str) else loss,
-        batch_size=batch_size,
-        taylor_batches=taylor_batches,
-    )
-    plan = UnitPlan(graph, scores, schedule, round_to, min_channels, global_ranking)
-    opt = optimizer if not isinstance(optimizer, str) else keras.optimizers.get(optimizer)
-    opt = type(opt).from_config(opt.get_config())
-    work.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     kw = dict(
-        exclude=tuple(exclude),
+        exclude=exclude,
         loss=loss,
         metrics=metrics,
-        jit_compile=work.jit_compile,
         batch_size=batch_size,
         samples=n,
         verbose=verbose,
+        seed=seed,
         shrink_when=shrink_when,
         total_steps=total_steps,
         name=window_name,
         window=_windows(tracker),
+        epoch_end=epoch_end,
     )
-    run = _Run(work, graph, plan, targets(events(schedule, total_steps), plan), kw)
-    _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data)
+    if resume is None:
+        schedule = _resolve_schedule(schedule, ratio, total_steps, prune_end, prune_events)
+        optimizer = optimizer if not isinstance(optimizer, str) else keras.optimizers.get(optimizer)
+        optimizer = type(optimizer).from_config(optimizer.get_config())
+        work = _working_copy(model)
+        run = _fresh_run(work, schedule, x, y, kw, importance, round_to, min_channels,
+                         global_ranking, taylor_batches)  # fmt: skip
+        first_epoch = 0
+    else:
+        first_epoch = check_state(resume, total_steps=total_steps, samples=n, batch_size=batch_size)
+        work, optimizer = _resumed_copy(model)
+        run = _Run(work, build_graph(work, exclude), int(resume["total_units"]), {}, kw)
+        restore(run, resume)
+    work.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    kw["jit_compile"] = work.jit_compile
+    _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data, first_epoch)
     report = ProgressiveReport(
         total_steps=total_steps,
         segments=tuple(run.segments),
         shrinks=tuple(_shrink_record(s) for s in run.shrinks),
         deferred=tuple(run.deferred),
         epochs=tuple(run.epochs),
-        structure=structure_report(model, run.model, exclude=tuple(exclude)),
+        structure=structure_report(original or model, run.model, exclude=exclude),
         jit_compile=kw["jit_compile"],
         shrink_when=shrink_when,
     )
     return run.model, report
 
 
-def _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data):
+def _fresh_run(work, schedule, x, y, kw, importance, round_to, min_channels, global_ranking,
+               taylor_batches) -> _Run:  # fmt: skip
+    """The run's plan from the starting weights: graph, importance, which units go when."""
+    graph = build_graph(work, kw["exclude"])
+    _warn_if_nothing_prunable(graph, float(_final_sparsity(schedule)))
+    loss = kw["loss"]
+    loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    scores = unit_scores(
+        graph,
+        resolve_importance(importance, graph, (x, y), loss_fn),
+        data=(x, y),
+        loss=loss_fn,
+        batch_size=kw["batch_size"],
+        taylor_batches=taylor_batches,
+    )
+    plan = UnitPlan(graph, scores, schedule, round_to, min_channels, global_ranking)
+    steps = targets(events(schedule, kw["total_steps"]), plan)
+    return _Run(work, graph, len(plan.units), steps, kw)
+
+
+def _resumed_copy(model: keras.Model):
+    """A copy of a resumed run's model and its optimizer with the state carried over."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        raise ValueError(
+            "resume needs the model saved by `epoch_end` (compiled, with its optimizer state; "
+            "load it with keras.models.load_model(..., compile=True)). Received: a model "
+            "without a built optimizer."
+        )
+    copy, maps = trace_weight_slices(model, _working_copy)
+    return copy, carry_optimizer_state(optimizer, model, copy, maps)
+
+
+def _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data, first_epoch):
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(n) if shuffle else np.arange(n) for _ in range(epochs)]
-    data = _Batches(x, y, orders, run.kw["batch_size"], steps_per_epoch)
-    clock = _EpochClock(run, steps_per_epoch, validation_data)
+    data = Batches(x, y, orders, run.kw["batch_size"], steps_per_epoch)
+    clock = EpochClock(run, steps_per_epoch, validation_data)
     total = epochs * steps_per_epoch
-    step = 0
+    step = first_epoch * steps_per_epoch
     while step < total:
         stop = run.next_cut(step, total)
         if stop > step:
@@ -586,33 +556,6 @@ def _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data
             run.event(stop)
         step = stop
     run.finish(total)
-
-
-class _Batches:
-    """The batches of a run: epoch `e`'s are `orders[e]` cut in `batch_size` pieces (the last of
-    an epoch may be smaller); `steps(a, b)` is a `tf.data.Dataset` of the batches of steps
-    [a, b), gathered from one copy of the data."""
-
-    def __init__(self, x, y, orders, batch_size, steps_per_epoch):
-        import tensorflow as tf
-
-        self._tf = tf
-        self.data = keras.tree.map_structure(tf.convert_to_tensor, (x, y))
-        self.orders = orders
-        self.bs = batch_size
-        self.spe = steps_per_epoch
-
-    def steps(self, start: int, stop: int):
-        tf, bs, spe = self._tf, self.bs, self.spe
-        parts = None
-        for e in range(start // spe, (stop - 1) // spe + 1):
-            a, b = max(start - e * spe, 0), min(stop - e * spe, spe)
-            idx = self.orders[e][a * bs : b * bs]
-            ds = tf.data.Dataset.from_tensor_slices(idx.astype(np.int64)).batch(bs)
-            parts = ds if parts is None else parts.concatenate(ds)
-        data = self.data
-        gather = lambda i: keras.tree.map_structure(lambda t: tf.gather(t, i), data)  # noqa: E731
-        return parts.map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def _shrink_record(s: dict) -> ShrinkRecord:

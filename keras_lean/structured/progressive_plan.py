@@ -103,7 +103,10 @@ def estimated_flops(graph: DependencyGraph, rows, pruned: frozenset) -> float:
     for row in rows:
         ins, out = graph.layer_ids.get(row.name, ([], None))
         x = ins[0] if ins else None
-        if row.name in graph.heads:
+        if row.name in graph.heads and row.name in graph.inner:
+            heads, inner = kept(graph.heads[row.name]), kept(graph.inner[row.name])
+            f = _block_fraction(graph, row, heads, inner)
+        elif row.name in graph.heads:
             f = kept(graph.heads[row.name]) * kept(x)
         elif row.name in graph.inner:
             f = kept(graph.inner[row.name])
@@ -115,6 +118,57 @@ def estimated_flops(graph: DependencyGraph, rows, pruned: frozenset) -> float:
             f = kept(out)  # channel-wise (BatchNorm, depthwise, pooling, concat)
         total += row.flops * f
     return total
+
+
+def _block_fraction(graph: DependencyGraph, row, heads: float, inner: float) -> float:
+    """Kept fraction of a keras-hub transformer block's FLOPs with `heads` of its attention
+    heads and `inner` of its feed-forward units kept.
+
+    An encoder's FLOPs are affine in its head count and in its feed-forward width, apart
+    (`_hub.transformer_encoder_flops`: attention, feed-forward, and the LayerNorms and adds that
+    neither changes), so the parts are read off that count at zero heads / zero units. A block
+    whose FLOPs `count_flops` does not split this way scales by the two fractions' mean.
+    """
+    from keras_lean._hub import is_transformer_encoder, transformer_encoder_flops
+
+    layer = _layer_named(graph.model, row.name)
+    shape = _input_shape(layer)
+    if layer is None or shape is None or not is_transformer_encoder(layer):
+        return 0.5 * (heads + inner)
+    h, ff = int(layer.num_heads), int(layer.intermediate_dim)
+    head_dim = getattr(layer, "head_dim", None) or int(shape[-1]) // h
+
+    def count(num_heads, intermediate_dim):
+        part = _Block(num_heads, head_dim, intermediate_dim)
+        return float(transformer_encoder_flops(part, shape))
+
+    base = count(0, 0)
+    full = count(h, ff)
+    if full <= 0:
+        return 1.0
+    attention, feed_forward = count(h, 0) - base, count(0, ff) - base
+    return (base + heads * attention + inner * feed_forward) / full
+
+
+class _Block:
+    """The three numbers `transformer_encoder_flops` reads from an encoder."""
+
+    def __init__(self, num_heads, head_dim, intermediate_dim):
+        self.num_heads, self.head_dim, self.intermediate_dim = num_heads, head_dim, intermediate_dim
+
+
+def _layer_named(model, name: str):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def _input_shape(layer) -> tuple | None:
+    try:
+        return tuple(layer.input.shape)
+    except (AttributeError, ValueError):
+        return None
 
 
 class StepTimes:
@@ -144,7 +198,11 @@ class StepTimes:
         return slope * (flops_now - flops_after)
 
 
-DEFAULT_PRUNE_END = 0.3  # fraction of the steps by which the default schedule reaches its target
+# Fraction of the steps by which the default schedule reaches its target. Measured
+# (scripts/bench_energy_savings.py, digits CNN, 8 epochs, 3 seeds): 0.1 instead of 0.3 took
+# structured 50 % from 1.01x to 0.88x the energy of dense fine-tuning through the same loop, at
+# the same accuracy (98.1 %, gradual masks to 2/3 of the steps: 97.8 %).
+DEFAULT_PRUNE_END = 0.1
 DEFAULT_PRUNE_EVENTS = 3  # pruning events of the default schedule
 
 
@@ -157,8 +215,9 @@ def default_schedule(
     """PolynomialDecay 0 -> `ratio` (power 3) over the first `end` of the steps, `events` events.
 
     The cubic ramp removes most units at the first events (1 - (1 - t)^3: 70 % of the target at
-    a third of the ramp), and ending early lets every later step run on the smallest model;
-    few events keep the number of shrinks (each pays a rebuild and a retrace) small.
+    a third of the ramp), and ending early (default: at 10 % of the steps) lets every later step
+    run on the smallest model; few events keep the number of shrinks (each pays a rebuild and a
+    retrace) small.
     """
     from keras_lean.sparsity.schedules import PolynomialDecay
 

@@ -215,6 +215,12 @@ class Producer(ChannelRule):
         ctx.slice(self.kernel, self.out_axis, out)
         if layer.use_bias:
             ctx.slice("bias", 0, out, "bias")
+        if getattr(layer, "lora_rank", None):
+            # Keras' enable_lora: A reads the kernel's input axis, B writes its output axis.
+            # They are sliced with the kernel; the rebuilt layer keeps `lora_rank` (its
+            # config), so it stays adapted at the new width.
+            ctx.slice("lora_kernel_a", self.in_axis, x)
+            ctx.slice("lora_kernel_b", -1, out)
         return out
 
     def resize(self, layer, config, ctx):
@@ -225,10 +231,6 @@ class Producer(ChannelRule):
 class _Dense(Producer):
     def __init__(self):
         super().__init__("units", in_axis=0, out_axis=1)
-
-    def check(self, layer):
-        if getattr(layer, "lora_rank", None):
-            raise UnsupportedLayer("LoRA-enabled Dense layers are not supported")
 
 
 class _Conv(Producer):

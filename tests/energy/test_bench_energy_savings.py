@@ -48,10 +48,19 @@ def test_summary_uses_paired_per_seed_ratios():
 
 
 def test_quick_run_measures_the_chosen_arms(capsys):
-    arms = ["magnitude-80%", "lora", "structured50+lora", "structured50", "structured50-progressive"]
+    arms = [
+        "magnitude-80%",
+        "lora",
+        "structured50+lora",
+        "structured50",
+        "structured50-progressive",
+    ]
     result = _load_script().main(["--quick", "--arms", *arms])
     out = capsys.readouterr().out
-    assert set(result["rows"]) == {"dense", *arms}
+    # A progressive arm brings its same-loop dense reference, dense-loop.
+    assert set(result["rows"]) == {"dense", "dense-loop", *arms}
+    assert result["rows"]["structured50-progressive"]["reference"] == "dense-loop"
+    assert result["rows"]["lora"]["reference"] == "dense"
     for arm, row in result["rows"].items():
         assert row["energy_j"] > 0, arm
         assert 0.0 <= row["val_accuracy"] <= 1.0, arm

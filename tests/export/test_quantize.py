@@ -46,6 +46,7 @@ def test_keras_quantization_of_the_artifact(tmp_path, trained, mode, max_size_ra
     assert rep.accuracy >= rep.float_accuracy - max_acc_drop
     assert 0 < rep.max_abs_diff < 0.5
     assert (rep.note is not None) == (mode == "float8")
+    assert rep.reloadable is True
     # The caller's model is untouched and the file loads on its own.
     assert not quantized_layers(model)
     for a, b in zip(before, model.get_weights(), strict=True):
@@ -70,7 +71,7 @@ def test_filters_and_merged_lora(trained):
 
 def test_quantize_errors(tmp_path, trained):
     model = trained[0]
-    assert KERAS_QUANTIZATIONS == ("none", "int8", "int4", "float8")
+    assert KERAS_QUANTIZATIONS == ("none", "int8", "int4", "float8", "gptq", "awq")
     with pytest.raises(ValueError, match="keras_quantization must be one of none, int8"):
         quantize_keras(model, "int2")
     convs = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3)])
@@ -80,3 +81,52 @@ def test_quantize_errors(tmp_path, trained):
         quantize_keras_artifact(model, tmp_path / "m.keras", "none")
     with pytest.raises(ValueError, match=r"must end in '\.keras'"):
         quantize_keras_artifact(model, tmp_path / "m.h5", "int8")
+
+
+def test_a_reload_failure_is_reported_and_measured_in_memory(tmp_path, trained, monkeypatch):
+    model, x_val, y_val = trained
+
+    def broken(path, *args, **kwargs):
+        raise ValueError("A total of 1 objects could not be loaded.\nmore")
+
+    monkeypatch.setattr(keras.saving, "load_model", broken)
+    rep = quantize_keras_artifact(model, tmp_path / "m.keras", "int8", check_x=x_val, check_y=y_val)
+    assert rep.reloadable is False
+    assert rep.note.startswith(f"Keras {keras.__version__} cannot load this int8 .keras back")
+    assert "(A total of 1 objects could not be loaded.)" in rep.note
+    assert rep.accuracy >= rep.float_accuracy - 0.02 and 0 < rep.max_abs_diff < 0.5
+
+
+@pytest.mark.slow
+def test_a_file_keras_cannot_read_back_is_reported_not_hidden(tmp_path):
+    """Keras 3.15 writes an int8 BertTextClassifier it cannot load (its `logits` layer gets no
+    variables): the report says so and measures the in-memory quantized model."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=32,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, 32, (8, 8)).astype("int32"),
+        "segment_ids": np.zeros((8, 8), "int32"),
+        "padding_mask": np.ones((8, 8), "int32"),
+    }
+    rep = quantize_keras_artifact(
+        model, tmp_path / "bert_int8.keras", "int8", check_x=x, check_y=np.zeros(8, "int32")
+    )
+    assert rep.accuracy is not None and rep.max_abs_diff < 0.5
+    try:
+        keras.saving.load_model(rep.path)
+        loads = True
+    except ValueError:
+        loads = False
+    assert rep.reloadable is loads
+    if not loads:
+        assert "cannot load this int8 .keras back" in rep.note

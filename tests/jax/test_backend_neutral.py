@@ -227,3 +227,35 @@ def test_tfmot_schedule_subclass_is_refused_under_jax():
     # TFMOT's own schedules become their native twins (same trajectory).
     native = kl.sparsity.as_schedule(tfmot.sparsity.keras.PolynomialDecay(0.1, 0.6, 0, 10))
     assert isinstance(native, PolynomialDecay)
+
+
+def test_pruning_steps_count_in_a_dtype_the_backend_has():
+    """JAX without x64 has no int64: asking for it warns ("Explicitly requested dtype int64")."""
+    import warnings
+
+    x, _ = _data(n=8)
+    expected = "int32" if BACKEND == "jax" else "int64"  # TensorFlow keeps TFMOT's int64
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = kl.prune_low_magnitude(_cnn(), PolynomialDecay(0.0, 0.5, 0, 4, frequency=1))
+        gradual = prune_structured_gradually(_cnn(), ConstantSparsity(0.5, 0, frequency=1))
+        for model in (pruned, gradual):  # a training call: step + 1, schedule, mask update
+            model(x, training=True)
+            model(x, training=True)
+    assert not [w for w in caught if "int64" in str(w.message)], [str(w.message) for w in caught]
+    steps = [v for m in (pruned, gradual) for v in m.weights if "pruning_step" in v.path]
+    assert len(steps) >= 4 and {str(v.dtype) for v in steps} == {expected}
+    assert {int(keras.ops.convert_to_numpy(v.value)) for v in steps} == {2}
+
+
+def test_deploy_heading_names_the_formats_this_backend_exports(tmp_path):
+    from keras_lean.console import describe_stage
+    from keras_lean.pipeline.recipe import Recipe, recipe_to_yaml
+
+    (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(Recipe()))
+    heading = describe_stage("deploy", tmp_path)
+    if BACKEND == "tensorflow":
+        assert heading.startswith("strip, export saved_model + tflite (quantization")
+    else:  # Keras' LiteRT export needs TensorFlow: the heading must not promise it
+        assert "saved_model + tflite" not in heading
+        assert "export saved_model (tflite skipped: needs KERAS_BACKEND=tensorflow)" in heading

@@ -8,7 +8,15 @@ import pytest
 
 from keras_lean.distill import DistillConfig, Teacher
 from keras_lean.flops import count_flops
-from keras_lean.pipeline import RunDir, configure, deploy, finetune, load_model, load_recipe
+from keras_lean.pipeline import (
+    RunDir,
+    configure,
+    deploy,
+    finetune,
+    load_model,
+    load_recipe,
+    report,
+)
 from keras_lean.pipeline.recipe import Recipe, RecipeError
 from keras_lean.pipeline.steps import checkpoint as checkpoint_mod
 
@@ -27,8 +35,7 @@ def test_magnitude_distilled_then_sparse_int8_and_keras_int8(trained_run, tmp_pa
         "magnitude: {target_sparsity: 0.8}\n"
         "finetune: {epochs: 2, jit_compile: off}\n"
         "distill: {teacher: baseline, alpha: 0.6, temperature: 3}\n"
-        "export: {formats: [tflite], quantization: int8, keras_quantization: int8,"
-        " latency_runs: 2}\n",
+        "export: {formats: [tflite], quantization: int8, latency_runs: 2}\n",
     )
     configure(run, recipe=recipe, force=True)
     assert load_recipe(run.recipe).distill == load_recipe(run.recipe).distill.__class__(
@@ -46,7 +53,7 @@ def test_magnitude_distilled_then_sparse_int8_and_keras_int8(trained_run, tmp_pa
     assert 0 < student_fwd <= teacher_fwd
     assert ft["energy_j"] > 0
 
-    dep = deploy(run).entry["details"]
+    dep = deploy(run, keras_quantization="int8").entry["details"]  # the override sets it
     exp = dep["export"]
     assert exp["sparse_tflite"] is True  # auto: 80 % of the weights are zero
     assert exp["tflite_raw_bytes"] < 0.8 * exp["dense_tflite_raw_bytes"]
@@ -67,6 +74,13 @@ def test_magnitude_distilled_then_sparse_int8_and_keras_int8(trained_run, tmp_pa
     )
     assert dep["tflite_raw_ratio_vs_float_baseline"] < 0.25
     assert dep["tflite_raw_ratio"] < 1
+    assert dep["float_baseline_tflite"]["latency_ms"] > 0
+    # `keras-lean report` prints the deploy figures, with the sparse format's honest note.
+    text = report(run).table()
+    smaller = float_raw / exp["tflite_raw_bytes"]
+    assert f"{smaller:.2f}x smaller raw" in text
+    assert "no speed from sparse storage here: storage only" in text
+    assert "Keras int8 .keras:" in text and "TFLite int8" in text
 
 
 def test_structured_without_zeros_stays_dense(trained_run, tmp_path):

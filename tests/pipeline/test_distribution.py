@@ -204,6 +204,35 @@ def test_cli_bad_distribution_settings_exit_2(tmp_path, args, match):
     assert match in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="joins processes under JAX only")
+def test_cli_process_that_cannot_reach_the_coordinator_exits_2(tmp_path):
+    r = _cli(
+        "--out",
+        str(tmp_path / "run"),
+        "--distribution",
+        "data-parallel",
+        "--coordinator",
+        f"127.0.0.1:{_free_port()}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        "1",
+        "--coordinator-timeout",
+        "1",
+    )
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert "could not reach the coordinator" in r.output and "within 1 s" in r.output
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_cli_coordinator_timeout_must_be_positive(tmp_path):
+    r = _cli("--out", str(tmp_path / "run"), "--coordinator-timeout", "5")
+    assert r.exit_code == 2 and "need --distribution data-parallel" in r.output, r.output
+    with pytest.raises(DistributionError, match="--coordinator-timeout must be an integer >= 1"):
+        DistributionSpec(timeout_s=0)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow refusals")
 def test_tensorflow_refuses_multiworker_and_jax_only_distribution(tmp_path):
     from keras_lean.pipeline.strategy import get_strategy

@@ -156,7 +156,7 @@ def test_guarded_finetune_through_the_pipeline(trained_run):
     text = yaml.safe_load(run.recipe.read_text())
     # 0.3 keeps the accuracy of the tiny CNN; 0.995 leaves too few weights to classify.
     text["guard"] = {"stages": [0.3, 0.995, 0.998], "epochs_per_stage": 1}
-    text["max_accuracy_drop"] = 0.05
+    text["max_metric_drop"]["accuracy"] = 0.05
     run.recipe.write_text(yaml.safe_dump(text))
     assert load_recipe(run.recipe).guard.stages == (0.3, 0.995, 0.998)
 

@@ -142,13 +142,24 @@ def test_baseline_text_errors(preset, text_csv, tmp_path, kwargs, match):
         train_baseline(tmp_path / "run", epochs=1, verbose=0, **args)
 
 
-def test_text_without_labels_is_refused_by_the_baseline(preset, tmp_path):
+def test_text_without_labels_on_an_encoder_preset_is_refused(preset, tmp_path):
+    """`text` alone is a causal-LM corpus (tests/pipeline/test_text_causal_lm.py); a BERT
+    encoder cannot be trained as one."""
     from keras_lean.pipeline import train_baseline
 
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"text": r["text"]}) for r in _rows(6)) + "\n")
-    with pytest.raises(DataError, match=r"no `label`: the pipeline trains text classifiers"):
+    with pytest.raises(ValueError, match=r"BertBackbone is not a backbone keras-hub trains as a"):
         train_baseline(tmp_path / "run", data=path, model_path=preset, epochs=1, verbose=0)
+
+
+def test_prepare_text_data_refuses_a_corpus_without_labels(preset, tmp_path):
+    from keras_lean.pipeline.text import prepare_text_data
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": r["text"]}) for r in _rows(6)) + "\n")
+    with pytest.raises(DataError, match=r"no `label`: a causal-LM corpus"):
+        prepare_text_data(path, preset, tmp_path / "o.npz")
 
 
 def test_causal_lm_perplexity_matches_hand_computation():
@@ -159,3 +170,34 @@ def test_causal_lm_perplexity_matches_hand_computation():
     assert causal_lm_perplexity(model, logits, targets) == pytest.approx(expected, rel=1e-5)
     masked = causal_lm_perplexity(model, logits, targets, mask=np.array([[True, False]]))
     assert masked == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement"], ids=["magnitude", "movement"])
+def test_pruning_a_text_classifier_reaches_the_encoder_kernels(preset, method):
+    """The recipe's `magnitude` / `movement` (include `*`) prune the TransformerEncoder's
+    attention projections and feed-forward kernels, not only the Dense layers around it."""
+    from keras_lean.pipeline.methods.base import Data, FinetunePlan
+    from keras_lean.pipeline.recipe import Recipe
+    from keras_lean.sparsity import PruneLowMagnitude
+
+    model = build_text_classifier(preset, 2, 8)
+    ids = np.random.default_rng(0).integers(1, len(VOCAB), (16, 8)).astype("float32")
+    labels = (ids[:, 0] % 2).astype("int32")
+    data = Data(ids, labels, ids, labels, num_classes=2)
+    plan = FinetunePlan(epochs=1, steps_per_epoch=4, batch_size=4)
+    recipe = Recipe.from_dict({"version": 1, "methods": [method], method: {"target_sparsity": 0.5}})
+    (pruning,) = recipe.ordered_methods()
+    wrapped = pruning.prepare(model, data, plan)
+    blocks = [
+        w
+        for w in wrapped._flatten_layers()
+        if isinstance(w, PruneLowMagnitude)
+        and isinstance(w.layer, keras_hub.layers.TransformerEncoder)
+    ]
+    assert len(blocks) == 1 and len(blocks[0].mask_variables) == 6
+    for _ in range(plan.total_steps):  # the train steps' mask updates, eagerly (no fit trace)
+        wrapped(ids[:4], training=True)
+    pruning.finalize(wrapped)
+    final = pruning.report()["final"]
+    assert final["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert final["layers"]["transformer_layer_0"] == pytest.approx(0.5, abs=0.02)

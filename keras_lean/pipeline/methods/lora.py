@@ -97,6 +97,8 @@ class LoraMethod(Method):
     conflicts: ClassVar[Mapping[str, str]] = MappingProxyType(
         {m: _MERGE_DESTROYS_SPARSITY for m in ("magnitude", "movement", "soft_movement", "lottery")}
     )
+    # structured.mode progressive slices the adapters with their layers at every shrink.
+    can_shrink_progressively: ClassVar[bool] = True
     state_attributes: ClassVar[tuple[str, ...]] = (
         "_before",
         "_adapted",

@@ -1,18 +1,22 @@
 """Recipe method `soft_movement`: soft movement pruning (Sanh et al., 2020).
 
 Like `movement` (same section plus two keys), but a weight is kept while
-`sigmoid(score) > threshold`, and an L1 penalty on `sigmoid(scores)` pulls the scores down; so the
-sparsity comes from `threshold` and `l1_coefficient`, not from `target_sparsity` (which only
-shapes the ramp of the threshold and the penalty). See `keras_lean.sparsity.movement`.
-
-The sweep and `--target-sparsity` set `threshold` (higher: sparser); it is not in the default
-sweep, and `recipe.guard` does not stage it (no target to raise in stages).
+`sigmoid(score) > tau`, and an L1 penalty on `sigmoid(scores)` pulls the scores down. With
+`threshold: null` (the default) `tau` is re-set at every pruning step so each pruned layer
+keeps exactly the schedule's fraction: the layers reach `target_sparsity`, and
+`--target-sparsity`, the sweep and `recipe.guard` set it as for `magnitude` and `movement`.
+With a fixed `threshold` (the paper's variant) the sparsity comes from `threshold` and
+`l1_coefficient` (`target_sparsity` only shapes the ramp), so there is no target to set: the
+guard and a target refuse it, and the report says what sparsity was reached. See
+`keras_lean.sparsity.movement`. Not in the default sweep (`keras-lean sweep --methods
+soft_movement --targets ...`).
 
 Recipe section (all keys optional; null means the documented default)::
 
     soft_movement:
-      threshold: null        # keep sigmoid(score) > threshold, in (0, 1)
-      l1_coefficient: null   # L1 penalty weight, >= 0: higher is sparser
+      target_sparsity: 0.8   # reached by every pruned layer with threshold: null
+      threshold: null        # null: tau follows the schedule; or a fixed tau in (0, 1)
+      l1_coefficient: null   # L1 penalty weight, >= 0
       score_lr_multiplier: null
       score_init: null       # magnitude | zeros
       # plus every `magnitude` key except m_by_n and block_size
@@ -40,19 +44,21 @@ class SoftMovementOptions(MovementOptions):
     """Options of the `soft_movement` section: `MovementOptions` plus threshold and L1.
 
     Attributes:
-        threshold: keep a weight while `sigmoid(score) > threshold`, in (0, 1); higher is
-            sparser. Null is the documented default.
-        l1_coefficient: weight of the L1 penalty on `sigmoid(scores)` (>= 0); higher is
-            sparser. Null is the documented default.
+        threshold: null: every pruned layer keeps exactly the schedule's fraction (reaches
+            `target_sparsity`); a number in (0, 1): the paper's fixed threshold, keep
+            `sigmoid(score) > threshold`, higher is sparser, and the sparsity is what it and
+            `l1_coefficient` give.
+        l1_coefficient: weight of the L1 penalty on `sigmoid(scores)` (>= 0); with a fixed
+            threshold, higher is sparser. Null is the documented default.
     """
 
     threshold: float | None = option(
-        None, Optional(Float(gt=0, lt=1)), f"keep sigmoid(score) > this ({_MOVEMENT_DEFAULT})"
+        None,
+        Optional(Float(gt=0, lt=1)),
+        "null: reach target_sparsity; or a fixed tau in (0, 1): keep sigmoid(score) > tau",
     )
     l1_coefficient: float | None = option(
-        None,
-        Optional(Float(min=0)),
-        f"L1 on sigmoid(scores), higher: sparser ({_MOVEMENT_DEFAULT})",
+        None, Optional(Float(min=0)), f"L1 on sigmoid(scores) ({_MOVEMENT_DEFAULT})"
     )
 
     def check(self) -> None:
@@ -86,13 +92,38 @@ class SoftMovementMethod(MovementMethod):
             "movement": "both prune unstructured weights; choose one",
         }
     )
-    guard_stageable: ClassVar[bool] = False
-    guard_note: ClassVar[str] = (
-        "its sparsity comes from threshold and l1_coefficient, not from a target the guard "
-        "could raise in stages; use movement"
-    )
-    target_option: ClassVar[str | None] = "threshold"
-    target_help: ClassVar[str] = (
-        "soft movement's sigmoid-score threshold in (0, 1), higher: sparser"
-    )
     sweep_targets: ClassVar[tuple[float, ...]] = ()
+
+    @classmethod
+    def _refuse_fixed_threshold(cls, options: SoftMovementOptions, what: str) -> None:
+        if options.threshold is not None:
+            raise RecipeError(
+                f"{cls.name}.threshold",
+                f"is set ({options.threshold:g}), so the sparsity comes from threshold and "
+                f"l1_coefficient, not from target_sparsity: {what}. Set threshold: null to "
+                "let every pruned layer reach target_sparsity.",
+            )
+
+    @classmethod
+    def with_target(cls, options: SoftMovementOptions, target: float) -> SoftMovementOptions:
+        """`options` with `target_sparsity` set (refused with a fixed threshold)."""
+        cls._refuse_fixed_threshold(options, "a target sparsity cannot be set")
+        return super().with_target(options, target)
+
+    @classmethod
+    def check_guard(cls, options: SoftMovementOptions) -> None:
+        cls._refuse_fixed_threshold(options, "recipe.guard cannot stage it")
+        super().check_guard(options)
+
+    @classmethod
+    def report_lines(cls, report: dict) -> list[str]:
+        """With a fixed threshold, the sparsity reached beside the (unused) target."""
+        settings = report.get("movement") or {}
+        final = (report.get("final") or {}).get("sparsity")
+        if settings.get("threshold") is None or final is None:
+            return []
+        return [
+            f"soft movement, fixed threshold {settings['threshold']:g}: reached sparsity "
+            f"{final:.1%} (target_sparsity {report.get('target_sparsity', 0):.0%} only shaped "
+            "the ramp)"
+        ]

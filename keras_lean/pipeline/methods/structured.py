@@ -13,6 +13,8 @@ Recipe section (all keys optional)::
       exclude: []           # layer-name patterns (fnmatch) whose widths are kept
       global_ranking: false # rank channels of all layers together
       taylor_batches: 4     # batches of training data for importance: taylor
+      shrink_when: cost     # progressive: cost (only when the saving outweighs a shrink) | always
+      hidden_width: 0.0     # oneshot, keras-hub text models: hidden channels removed (0 = off)
 
 The schedule has the same format as `magnitude`'s (`initial_sparsity` is the fraction removed at
 `begin`). In `oneshot` mode the model is rebuilt smaller in `prepare` and fine-tuned as is; in
@@ -68,6 +70,9 @@ class StructuredOptions(Section):
             (rebuild smaller before fine-tuning) or `progressive` (channels removed at each
             pruning event of the schedule, so later steps run on the smaller model).
         schedule: how the removed fraction grows during a gradual fine-tune (`ScheduleOptions`).
+            Progressive mode with this left at its defaults uses the library's progressive
+            schedule instead (cubic ramp to `ratio` by 10 % of the steps, 3 events:
+            `structured.progressive_plan.default_schedule`); any schedule set here is used.
         round_to: surviving widths are multiples of this (>= 1), or `"auto"`: the float32
             vector lanes of the CPU that prunes (16 with AVX-512; `structured.simd_lanes`),
             resolved when the model is pruned and recorded in the report.
@@ -75,6 +80,13 @@ class StructuredOptions(Section):
         exclude: layer-name patterns (fnmatch) whose widths are kept.
         global_ranking: rank channels of all groups together.
         taylor_batches: batches averaged by `importance: taylor` (>= 1).
+        shrink_when: progressive mode: `cost` (act on a pruning event only when the step time
+            it saves over the remaining steps outweighs the measured cost of the last shrink;
+            the last event always runs) or `always`.
+        hidden_width: fraction of the hidden channels (the residual stream) removed from a
+            keras-hub transformer before the other groups, in [0, 1); 0 (default) is off.
+            `mode: oneshot` only (`keras_lean.structured.prune_hidden_width`, importance: mean
+            |activation| over up to 8 training batches).
     """
 
     root: ClassVar[str | None] = "structured"
@@ -93,7 +105,7 @@ class StructuredOptions(Section):
     schedule: ScheduleOptions = option(
         kind=Nested(ScheduleOptions),
         comment="gradual, progressive: how the removed fraction grows (initial_sparsity = "
-        "removed at begin)",
+        "removed at begin); progressive with these defaults: ramp to ratio by 10 % of steps",
         default_factory=ScheduleOptions,
     )
     round_to: int | str = option(
@@ -107,6 +119,18 @@ class StructuredOptions(Section):
     )
     global_ranking: bool = option(False, Bool(), "rank the channels of all groups together")
     taylor_batches: int = option(4, Int(min=1), "training batches averaged by importance: taylor")
+    shrink_when: str = option(
+        "cost",
+        Choice("cost", "always"),
+        "progressive: cost (shrink when the time saved outweighs the last shrink's measured "
+        "cost) | always",
+    )
+    hidden_width: float = option(
+        0.0,
+        Float(min=0, lt=1),
+        "oneshot, keras-hub text models: fraction of the hidden channels (residual stream) "
+        "removed, in [0, 1); 0 = off",
+    )
 
 
 @register_method
@@ -116,6 +140,7 @@ class StructuredMethod(Method):
     name: ClassVar[str] = "structured"
     order: ClassVar[int] = 10
     options_class: ClassVar[type] = StructuredOptions
+    guard_stageable: ClassVar[bool] = True  # in mode: progressive only (`check_guard`)
     guard_note: ClassVar[str] = (
         "it removes channels by rebuilding the model, so stage ratios would compound on an "
         "already smaller model"
@@ -124,7 +149,13 @@ class StructuredMethod(Method):
     target_help: ClassVar[str] = "fraction of every channel group removed, in [0, 1)"
     sweep_targets: ClassVar[tuple[float, ...]] = (0.25, 0.5)
     can_shrink_progressively: ClassVar[bool] = True
-    state_attributes: ClassVar[tuple[str, ...]] = ("_round_to", "_steps", "_report", "_progressive")
+    state_attributes: ClassVar[tuple[str, ...]] = (
+        "_round_to",
+        "_steps",
+        "_report",
+        "_progressive",
+        "_previous",
+    )
 
     @classmethod
     def own_training_loop(cls, options: Any) -> str | None:
@@ -139,6 +170,7 @@ class StructuredMethod(Method):
         self._report: dict | None = None
         self._round_to: int | None = None
         self._progressive: dict | None = None
+        self._previous = 0.0  # a guard stage's starting ratio (of the baseline's units)
 
     @classmethod
     def check_recipe(cls, options: StructuredOptions, names) -> None:
@@ -147,6 +179,12 @@ class StructuredMethod(Method):
         from keras_lean.pipeline.methods.registry import registered_class
         from keras_lean.pipeline.options import RecipeError
 
+        if options.hidden_width > 0 and options.mode != "oneshot":
+            raise RecipeError(
+                "structured.hidden_width",
+                f"is applied in mode: oneshot only (received mode: {options.mode}); set "
+                "structured.mode: oneshot, or hidden_width: 0",
+            )
         if options.mode != "progressive":
             return
         for other in names:
@@ -160,16 +198,58 @@ class StructuredMethod(Method):
                     "mode: gradual or oneshot with it",
                 )
 
+    @classmethod
+    def check_guard(cls, options: StructuredOptions) -> None:
+        """The guard stages `mode: progressive` only: each stage trains and shrinks the model
+        the previous stage left (gradual and one-shot ratios would compound instead)."""
+        from keras_lean.pipeline.options import RecipeError
+
+        if options.mode != "progressive":
+            raise RecipeError(
+                "guard",
+                f"cannot be combined with method 'structured' in mode {options.mode}: "
+                f"{cls.guard_note}. Use structured.mode: progressive (each stage shrinks the "
+                "model the previous stage left), or remove guard.stages.",
+            )
+
+    def stage(self, target: float, previous: float) -> StructuredMethod:
+        """A copy removing `target` of the baseline's units, starting from a model that lost
+        `previous` of them (the guard's stage before): its progressive run removes the share
+        `1 - (1 - target) / (1 - previous)` of the units that are left."""
+        staged = super().stage(target, previous)
+        staged._previous = float(previous)
+        return staged
+
+    def _ratio(self) -> float:
+        """The fraction of the current model's units this run removes."""
+        target, previous = self.options.ratio, self._previous
+        return 1.0 - (1.0 - target) / (1.0 - previous) if previous else target
+
     def pruning_end_step(self, plan: FinetunePlan) -> int | None:
         """Gradual: the mask schedule's end step (every group at `ratio`); one-shot: None (the
         channels are gone before fit)."""
         if self.options.mode == "oneshot":
             return None
+        if self._library_schedule():
+            return int(self._schedule(plan).end_step)
         return self.options.schedule.steps(plan.total_steps)[1]
 
-    def _schedule(self, plan: FinetunePlan):
+    def _library_schedule(self) -> bool:
+        """Progressive mode with the recipe's schedule left at its defaults (the gradual
+        masks' ramp to 70 % of the steps) uses the library's progressive default instead: a
+        cubic ramp to `ratio` by 10 % of the steps in 3 events, so most steps run small."""
+        return self.options.mode == "progressive" and self.options.schedule == ScheduleOptions()
+
+    def _schedule(self, plan: FinetunePlan, ratio: float | None = None):
+        ratio = self.options.ratio if ratio is None else ratio
+        if self._library_schedule():
+            from keras_lean.structured.progressive_plan import default_schedule
+
+            schedule = default_schedule(ratio, plan.total_steps)
+            self._steps = (schedule.begin_step, schedule.end_step, schedule.frequency)
+            return schedule
         self._steps = self.options.schedule.steps(plan.total_steps)
-        return self.options.schedule.build(self.options.ratio, plan, self._steps)
+        return self.options.schedule.build(ratio, plan, self._steps)
 
     def prepare(self, model: keras.Model, data: Data, plan: FinetunePlan) -> keras.Model:
         from keras_lean.structured import (
@@ -193,6 +273,8 @@ class StructuredMethod(Method):
             kwargs["data"] = (data.x_train, data.y_train)
             kwargs["loss"] = classification_loss(model)
         if o.mode == "oneshot":
+            if o.hidden_width > 0:
+                model = _prune_hidden_width(model, o.hidden_width, data, plan, self._round_to)
             return prune_structured(model, o.ratio, o.importance, **kwargs)
         if o.mode == "progressive":
             self._schedule(plan)
@@ -206,10 +288,18 @@ class StructuredMethod(Method):
         from keras_lean.structured import prune_structured_progressively
 
         o = self.options
+        ratio = self._ratio()
+        resume = getattr(fit, "method_state", None)  # resuming from a checkpoint's state
+        if resume is None and getattr(fit, "started_from", None) is not None:
+            raise ValueError(
+                "The checkpoint has no progressive state (it was not written by "
+                "structured.mode: progressive); fine-tune again without --resume."
+            )
+        hook = getattr(fit, "epoch_end", None)
         with fit.scope():
             small, report = prune_structured_progressively(
                 model,
-                o.ratio,
+                ratio,
                 data.x_train,
                 data.y_train,
                 epochs=plan.epochs,
@@ -217,19 +307,23 @@ class StructuredMethod(Method):
                 optimizer=fit.optimizer(),
                 loss=fit.loss,
                 metrics=["accuracy"],
-                schedule=self._schedule(plan),
+                schedule=self._schedule(plan, ratio),
                 importance=o.importance,
                 round_to=self._round_to,
                 min_channels=o.min_channels,
                 exclude=o.exclude,
                 global_ranking=o.global_ranking,
                 taylor_batches=o.taylor_batches,
+                shrink_when=o.shrink_when,
                 jit_compile=fit.jit_compile,
                 seed=int(getattr(fit, "seed", 0)),
                 validation_data=(data.x_val, data.y_val),
                 tracker=_FitWindows(fit),
                 window_name="progressive",
                 verbose=fit.verbose,
+                epoch_end=None if hook is None else (lambda e, m, st: hook(e, m, st)),
+                resume=resume,
+                original=fit.started_from() if resume is not None else None,
             )
         progressive = report.to_dict()
         self._report = progressive.pop("structure")
@@ -276,6 +370,24 @@ class StructuredMethod(Method):
         return ["structured widths: " + (", ".join(widths) or "unchanged")] + _segment_lines(
             report.get("progressive")
         )
+
+
+def _prune_hidden_width(model, ratio: float, data: Data, plan: FinetunePlan, round_to: int):
+    """`structured.hidden_width`: the hidden channels of a keras-hub transformer removed first
+    (importance: mean |activation| over training batches); refused for other models."""
+    from keras_lean._hub import is_transformer_block
+    from keras_lean._keras_internals import flatten_layers
+    from keras_lean.structured import prune_hidden_width
+
+    if not any(is_transformer_block(layer) for layer in flatten_layers(model)):
+        raise ValueError(
+            f"structured.hidden_width: {ratio} needs a keras-hub text model (TransformerEncoder "
+            f"or TransformerDecoder blocks: --model <keras-hub preset>); {model.name!r} has none. "
+            "Set structured.hidden_width: 0 for this model."
+        )
+    return prune_hidden_width(
+        model, ratio, "activation", data=data.x_train, round_to=round_to, batch_size=plan.batch_size
+    )
 
 
 def _segment_lines(progressive: Any) -> list[str]:

@@ -10,6 +10,7 @@ raises `MissingStepError` naming the step to run first; a failing step leaves ea
 untouched.
 
 One module per step (`baseline`, `configure`, `finetune`, `validate`, `deploy`, `run`), plus
+`dense_reference` (the same baseline fine-tuned with no method, for `run(compare_dense=True)`),
 `stage` (the energy window and its typed entry), `jit` (the XLA probe), `precision` (mixed
 precision), `checkpoint` (per-epoch checkpoints and resume), `report` (rendering) and `common`.
 The step functions shadow their modules' names here (`steps.finetune` is the function); reach a
@@ -33,6 +34,7 @@ from keras_lean.pipeline.steps.common import (
     run_dir_for,
 )
 from keras_lean.pipeline.steps.configure import configure
+from keras_lean.pipeline.steps.dense_reference import DenseReferenceError, dense_reference
 from keras_lean.pipeline.steps.deploy import deploy
 from keras_lean.pipeline.steps.finetune import FinetuneContext, PipelineFit, finetune
 from keras_lean.pipeline.steps.jit import JitDecision, decide_jit_compile
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_ROOT",
     "DEFAULT_RUN_NAME",
     "SECTIONS",
+    "DenseReferenceError",
     "FinetuneContext",
     "JitDecision",
     "PipelineFit",
@@ -56,6 +59,7 @@ __all__ = [
     "ValidationResult",
     "configure",
     "decide_jit_compile",
+    "dense_reference",
     "deploy",
     "finetune",
     "report",

@@ -84,7 +84,9 @@ def train_baseline(
         sequence_length: tokens per text with text data (`.csv` / `.jsonl`) and a keras-hub
             preset folder as `model_path` (default 128): the texts are tokenized with the
             preset's tokenizer and its backbone gets a classifier head, trained `epochs` epochs
-            (see `keras_lean.pipeline.text`).
+            (see `keras_lean.pipeline.text`). With a `text`-only file (a causal-LM corpus) it
+            is the window length, and `model_path` is optional: a keras-hub decoder preset
+            folder, or none for the built-in tiny decoder (`text.tiny_decoder`).
 
     Returns:
         A `StageResult`.
@@ -100,10 +102,16 @@ def train_baseline(
     from keras_lean.pipeline import text as _text
 
     text, preset = None, None
-    if model_path is not None and _text.is_preset_dir(model_path) or _text.is_text_data(data):
-        text = _prepare_text(run, data, model_path, sequence_length, val_split, seed)
-        preset, model_path, data, arch = model_path, None, run.root / "text_data.npz", "text"
-    ds = load_data(data, val_split=val_split, seed=seed)
+    if _text.is_text_data(data) and _text.is_causal_lm_data(data):
+        text = _prepare_causal_lm(run, data, model_path, sequence_length, val_split, seed)
+        preset, model_path, data, arch = model_path, None, run.root / "text_data.npz", "causal_lm"
+        ds = _text.load_causal_lm_data(data)
+    else:
+        if model_path is not None and _text.is_preset_dir(model_path) or _text.is_text_data(data):
+            text = _prepare_text(run, data, model_path, sequence_length, val_split, seed)
+            preset, model_path, data, arch = model_path, None, run.root / "text_data.npz", "text"
+        ds = load_data(data, val_split=val_split, seed=seed)
+    causal_lm = bool(text) and text.get("task") == _text.CAUSAL_LM
     keras.utils.set_random_seed(seed)
     manifest = {
         "version": 1,
@@ -141,8 +149,9 @@ def train_baseline(
                 verbose,
                 callbacks,
                 build=_text_builder(preset, text, ds),
+                from_logits=causal_lm,
             )
-            from_logits = False
+            from_logits = causal_lm  # a causal LM returns logits, as keras-hub's tasks
             details.update(arch=arch, epochs=epochs, batch_size=batch_size)
             details.update(learning_rate=learning_rate, history=rec.details.pop("history"))
         else:
@@ -150,6 +159,8 @@ def train_baseline(
             details.update(model_source=manifest["model_source"], from_logits=from_logits)
         manifest["from_logits"] = from_logits
         rec.accuracy = evaluate(model, ds)
+        if causal_lm:
+            details["perplexity"] = _text.lm_perplexity(model, ds)
         save_model_atomic(model, run.baseline)
         atomic_write_json(run.manifest, manifest)
         fill_sizes(rec, model)
@@ -179,10 +190,31 @@ def _prepare_text(run: RunDir, data, preset, sequence_length, val_split, seed) -
     )
 
 
+def _prepare_causal_lm(run: RunDir, data, preset, sequence_length, val_split, seed) -> dict:
+    """Tokenizes a causal-LM corpus into RUN/text_data.npz; the manifest's `text`."""
+    from keras_lean.pipeline import text as _text
+
+    if preset is not None and not _text.is_preset_dir(preset):
+        raise ValueError(
+            f"A causal-LM corpus ({data}: a `text` column, no `label`) takes as --model a "
+            "keras-hub decoder preset folder (GPT-2, Llama, ...; save_to_preset), or no --model "
+            f"for the built-in tiny decoder. Received: model_path={str(preset)!r}"
+        )
+    length = _text.DEFAULT_SEQUENCE_LENGTH if sequence_length is None else sequence_length
+    out = run.root / "text_data.npz"
+    return _text.prepare_causal_lm_data(
+        data, preset, out, sequence_length=length, val_split=val_split, seed=seed
+    )
+
+
 def _text_builder(preset, text: dict | None, ds):
     if text is None:
         return None
     from keras_lean.pipeline import text as _text
+
+    if text.get("task") == _text.CAUSAL_LM:
+        length, vocab = text["sequence_length"], text["vocabulary_size"]
+        return lambda: _text.build_causal_lm(preset, length, vocab)
 
     return lambda: _text.build_text_classifier(preset, ds.num_classes, text["sequence_length"])
 
@@ -198,6 +230,7 @@ def _train_builtin(
     verbose,
     callbacks=(),
     build=None,
+    from_logits=False,
 ):
     """Builds and trains a built-in architecture (or `build()`'s model); records its FLOPs and
     history in `rec`."""
@@ -207,13 +240,17 @@ def _train_builtin(
         model = build() if build else build_model(arch, ds.x_train.shape[1:], ds.num_classes)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate),
-            loss=classification_loss(False),
+            loss=classification_loss(from_logits),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
+    from keras_lean.pipeline.distribution import local_arrays
+
+    # Several processes (--distribution data-parallel): each feeds its rows of every batch.
+    x, y, local_batch_size = local_arrays(ds.x_train, ds.y_train, batch_size)
     history = model.fit(
-        ds.x_train,
-        ds.y_train,
-        batch_size=batch_size,
+        x,
+        y,
+        batch_size=local_batch_size,
         epochs=epochs,
         validation_data=(ds.x_val, ds.y_val),
         callbacks=[rec.tracker.callback(), *callbacks],

@@ -29,10 +29,21 @@ def epoch_checkpoint(run: RunDir, state: dict):
             model = self.model
             if isinstance(model, keras.distillation.Distiller):
                 model = model.student  # distilled fit: the student (compiled, with its optimizer)
-            save_model_atomic(model, run.checkpoint)
-            atomic_write_json(run.checkpoint_state, {**state, "epoch": epoch + 1})
+            save_checkpoint(run, model, {**state, "epoch": epoch + 1})
 
     return Checkpoint()
+
+
+def save_checkpoint(run: RunDir, model, state: dict) -> None:
+    """Saves `model` (compiled, with its optimizer state) and `state` (with its `epoch`: epochs
+    finished) atomically; the model first, so a state never names a model that is not there.
+
+    A method that runs its own loop checkpoints through this too (`PipelineFit.epoch_end`):
+    structured progressive saves the current shrunk model and, as `state["method_state"]`,
+    what its run needs to continue (see `keras_lean.structured.progressive_state`).
+    """
+    save_model_atomic(model, run.checkpoint)
+    atomic_write_json(run.checkpoint_state, state)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,10 @@ def as_run(out: str | os.PathLike | RunDir) -> RunDir:
 def load_run_data(manifest: dict, data: str | os.PathLike | None, val_split: float | None) -> Data:
     """The run's data (or `data` / `val_split` where given), split with the run's seed."""
     spec = str(data) if data is not None else manifest.get("data", "digits")
+    if (manifest.get("text") or {}).get("task") == "causal_lm":  # next-token windows, (n, L)
+        from keras_lean.pipeline.text import load_causal_lm_data
+
+        return load_causal_lm_data(spec)
     split = val_split if val_split is not None else manifest.get("val_split", 0.2)
     return load_data(spec, val_split=split, seed=manifest.get("seed", 0))
 

@@ -70,6 +70,10 @@ class PipelineFit:
         jit_compile: the run's XLA decision.
         verbose: Keras progress output.
         teacher: the `keras_lean.distill.Teacher`, or None (no distillation).
+        epoch_end: for a method that runs its own loop: `epoch_end(epoch, model,
+            method_state)` writes the per-epoch checkpoint (None in a guarded run).
+        method_state: when resuming, the `method_state` saved with the checkpoint, else None.
+        started_from: when resuming, a function loading the baseline the run started from.
     """
 
     def __init__(
@@ -101,6 +105,13 @@ class PipelineFit:
         self.jit_compile = jit_compile
         self.verbose = verbose
         self.teacher = teacher
+        # A method that runs its own loop checkpoints and resumes through these (set by
+        # `_train`): `epoch_end(epoch, model, method_state)` saves the per-epoch checkpoint,
+        # `method_state` is the state saved with the checkpoint being resumed (else None),
+        # `started_from()` loads the model the fine-tune started from (the baseline).
+        self.epoch_end = None
+        self.method_state = None
+        self.started_from = None
 
     def optimizer(self):
         """A fresh Adam at the recipe's learning rate."""
@@ -201,6 +212,9 @@ class FinetuneContext:
         tracker: the stage's energy tracker (set when the stage opens).
         fit: the `PipelineFit` (set once the XLA choice is made).
         method_reports: name -> what each method reported (filled as the step goes).
+        gate_metric: what the run is judged by (`text.gate_metric`): `accuracy`, or
+            `perplexity` for a causal LM (the guard's stages and early stopping follow it).
+        stage_gate: a guarded run's `guard.StageGate` (set with the baseline's figures).
     """
 
     run: RunDir
@@ -218,6 +232,8 @@ class FinetuneContext:
     tracker: EnergyTracker | None = None
     fit: PipelineFit | None = None
     method_reports: dict = dataclasses.field(default_factory=dict)
+    gate_metric: str = "accuracy"
+    stage_gate: Any = None
 
 
 def finetune(
@@ -239,9 +255,11 @@ def finetune(
     needs in `RUN/methods/` (`Method.save_state`).
 
     With `recipe.guard.stages`, the pruning method runs in stages instead (see
-    `keras_lean.pipeline.guard`): each stage is validated against the baseline's accuracy, the
-    last stage within `max_accuracy_drop` is kept (the baseline if none is), and every stage is
-    recorded under `details.guard`. Guarded runs are not checkpointed per epoch.
+    `keras_lean.pipeline.guard`): each stage is validated against the baseline by the run's gate
+    metric (accuracy drop within `max_metric_drop.accuracy`; for a causal LM, perplexity rise
+    within `max_metric_drop.perplexity`), the last stage within budget is kept (the baseline if
+    none is), and every stage is recorded under `details.guard`. Guarded runs are not
+    checkpointed per epoch.
 
     Args:
         out: the run folder (must hold `baseline.keras` and `recipe.yaml`).
@@ -315,7 +333,32 @@ def _context(run, resume, strategy, data, val_split, verbose, callbacks) -> Fine
         ),
         verbose=verbose,
         callbacks=tuple(callbacks),
+        gate_metric=_text_gate_metric(manifest),
     )
+
+
+def _text_gate_metric(manifest: dict) -> str:
+    from keras_lean.pipeline.text import gate_metric
+
+    return gate_metric(manifest)
+
+
+def _stage_gate(ctx: FinetuneContext, baseline: keras.Model, baseline_accuracy: float):
+    """The guard's `StageGate`: the run's gate metric, measured on the baseline as `validate`
+    measures it, and the recipe's budget for it."""
+    from keras_lean.pipeline.guard import StageGate
+
+    budget = ctx.recipe.metric_budget(ctx.gate_metric)
+    if ctx.gate_metric == "accuracy":
+        return StageGate("accuracy", lambda m: evaluate(m, ctx.data), baseline_accuracy, budget)
+    from keras_lean.pipeline.text import lm_perplexity
+
+    logits = bool(getattr(ctx.loss, "from_logits", True))
+
+    def perplexity(m) -> float:
+        return lm_perplexity(m, ctx.data, from_logits=logits)
+
+    return StageGate("perplexity", perplexity, perplexity(baseline), budget)
 
 
 def _load_and_prepare(ctx: FinetuneContext) -> tuple[keras.Model, float | None]:
@@ -333,6 +376,7 @@ def _load_and_prepare(ctx: FinetuneContext) -> tuple[keras.Model, float | None]:
         check_data_against_model(ctx.data, model, model_name=str(run.baseline))
         if ctx.recipe.guard.enabled:
             baseline_accuracy = evaluate(model, ctx.data)
+            ctx.stage_gate = _stage_gate(ctx, model, baseline_accuracy)
         if ctx.recipe.finetune.mixed_precision:
             model = with_mixed_precision(model)
         if not ctx.recipe.guard.enabled:  # the guard prepares each stage itself
@@ -391,6 +435,7 @@ def _train(ctx: FinetuneContext, model: keras.Model) -> tuple[keras.Model, int |
     early = _early_stopping(ctx)
     if early is not None:
         callbacks.append(early)
+    _own_loop_checkpoints(ctx, state)
     for method in ctx.methods:
         owned = method.finetune(model, ctx.data, ctx.plan, ctx.fit)
         if owned is not None:
@@ -403,11 +448,34 @@ def _train(ctx: FinetuneContext, model: keras.Model) -> tuple[keras.Model, int |
     return model, len(history.history.get("loss", []))
 
 
+def _own_loop_checkpoints(ctx: FinetuneContext, state: dict) -> None:
+    """Lets a method that runs its own loop checkpoint every epoch and resume from one."""
+    run, fit = ctx.run, ctx.fit
+
+    def epoch_end(epoch: int, model, method_state: dict) -> None:
+        checkpoint.save_checkpoint(
+            run, model, {**state, "epoch": int(epoch), "method_state": jsonable(method_state)}
+        )
+
+    fit.epoch_end = epoch_end
+    if ctx.resume.epoch is not None:
+        fit.method_state = ctx.resume.state.get("method_state")
+
+        def started_from():
+            with ctx.strategy.scope():
+                return load_model(run.baseline)
+
+        fit.started_from = started_from
+
+
 def _early_stopping(ctx: FinetuneContext):
     """The recipe's `EarlyStopping` callback (None when it is off).
 
     With `after_pruning`, it starts only in the epoch after the last method's gradual pruning
-    reaches its final target, so a model is never judged while its masks still grow.
+    reaches its final target, so a model is never judged while its masks still grow. It watches
+    the run's gate metric: validation accuracy, or for a causal LM the validation loss (the mean
+    next-token cross-entropy over every position, the log of the perplexity `validate` gates on;
+    `min_delta` is then in nats, about a relative change of perplexity).
     """
     import keras
 
@@ -415,9 +483,10 @@ def _early_stopping(ctx: FinetuneContext):
     if not es.enabled:
         return None
     start = pruning_end_epoch(ctx.methods, ctx.plan) if es.after_pruning else 0
+    causal_lm = ctx.gate_metric == "perplexity"
     return keras.callbacks.EarlyStopping(
-        monitor="val_accuracy",
-        mode="max",
+        monitor="val_loss" if causal_lm else "val_accuracy",
+        mode="min" if causal_lm else "max",
         patience=es.patience,
         min_delta=es.min_delta,
         start_from_epoch=start,
@@ -457,6 +526,7 @@ def _run_guard(ctx: FinetuneContext, model, baseline_accuracy):
         energy_window=fit.energy_window,
         callbacks=lambda: [fit.energy_callback()],
         scope=fit.scope,
+        gate=ctx.stage_gate,
     )
     ctx.methods = [outcome.method]
     return outcome.model, outcome.epochs_run, outcome.to_dict()

@@ -114,6 +114,13 @@ def decide_jit_compile(
     return JitDecision(use, ms_off, ms_on, first_off, first_on, reason)
 
 
+#: Why `jit_compile: auto` is XLA on without measuring in a multi-process run.
+MULTI_PROCESS_JIT = (
+    "several processes (--distribution data-parallel): XLA on, unmeasured (without XLA each op "
+    "of the step is a cross-process computation of its own: far slower)"
+)
+
+
 def jit_choice(ctx: FinetuneContext, model: keras.Model) -> tuple[JitDecision, dict | None]:
     """The XLA decision, and the energy record of measuring it (None when nothing was measured).
 
@@ -127,6 +134,10 @@ def jit_choice(ctx: FinetuneContext, model: keras.Model) -> tuple[JitDecision, d
         return JitDecision.unmeasured(
             ft.jit_compile == "on", f"recipe: jit_compile: {ft.jit_compile}"
         ), None
+    from keras_lean.pipeline.distribution import process_count
+
+    if process_count() > 1:  # the processes must agree, and measuring takes them all
+        return JitDecision.unmeasured(True, MULTI_PROCESS_JIT), None
     key = {
         "batch_size": ft.batch_size,
         "strategy": ctx.strategy_name,

@@ -1,7 +1,9 @@
 """`RUN/report.json` read back and rendered: the stage table, the summary, the detail tables.
 
 Method-specific lines (lottery rounds, structured widths, ...) come from each method class's
-`report_lines(report)`, so adding a method adds its lines without touching this module.
+`report_lines(report)`, so adding a method adds its lines without touching this module. A run
+with a dense reference (`run(compare_dense=True)`) ends its table with one line:
+`fine-tune energy: X J vs dense Y J (−Z %), accuracy A vs dense B`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from keras_lean.pipeline.distribution import process_energy_lines
 from keras_lean.pipeline.rundir import RunDir
 from keras_lean.pipeline.steps.common import as_run
 from keras_lean.pipeline.steps.stage import StageEntry
@@ -123,7 +126,35 @@ class RunReport:
                 final = rep.get("final") if isinstance(rep, dict) else None
                 if isinstance(final, dict) and "sparsity" in final:
                     out.setdefault("pruned_sparsity", {})[name] = final["sparsity"]
+        dense = self.dense_comparison()
+        if dense is not None:
+            out["dense_reference"] = dense
         return out
+
+    def dense_comparison(self) -> dict | None:
+        """The fine-tune against its dense reference (`dense_reference.compare`), or None.
+
+        Computed from the two entries as they are now; `stale` is True when the fine-tune ran
+        again after the dense reference was measured (its figures then describe another run).
+        """
+        from keras_lean.pipeline.steps.dense_reference import STAGE, compare
+
+        dense, ft = self.entry(STAGE), self.entry("finetune")
+        if dense is None or ft is None:
+            return None
+        out = compare(ft, dense)
+        out["stale"] = dense.details.get("finetune_started_at") != ft.started_at
+        return out
+
+    def dense_line(self) -> str | None:
+        """`fine-tune energy: X J vs dense Y J (−Z %), accuracy A vs dense B`, or None."""
+        from keras_lean.pipeline.steps.dense_reference import comparison_line
+
+        dense = self.dense_comparison()
+        if dense is None:
+            return None
+        stale = " (stale: finetune ran again after the dense reference)" if dense["stale"] else ""
+        return comparison_line(dense) + stale
 
     def table(self) -> str:
         """The stages as a fixed-width text table, then the summary and the detail tables."""
@@ -132,18 +163,28 @@ class RunReport:
             for e in self.entries
         ]
         lines = text_table([c[0] for c in _COLUMNS], rows, left=(0, 4), rule=True)
-        return "\n".join([*lines, "", *self._summary_lines(), *self._detail_lines()])
+        dense = self.dense_line()
+        last = ["", dense] if dense is not None else []
+        return "\n".join([*lines, "", *self._summary_lines(), *self._detail_lines(), *last])
 
     def _summary_lines(self) -> list[str]:
         summ = self.summary()
         out = []
         if "validation" in summ:
             v = summ["validation"]
-            out.append(
-                f"validation: baseline {v['baseline_accuracy']:.4f} -> fine-tuned "
-                f"{v['finetuned_accuracy']:.4f} (drop {v['accuracy_drop']:+.4f}, max "
-                f"{v['max_accuracy_drop']}): {'PASS' if v['passed'] else 'FAIL'}"
-            )
+            verdict = "PASS" if v["passed"] else "FAIL"
+            if v.get("metric") == "perplexity":  # a causal LM: gated by the perplexity rise
+                out.append(
+                    f"validation: perplexity baseline {v['baseline_perplexity']:.3f} -> "
+                    f"fine-tuned {v['finetuned_perplexity']:.3f} (rise "
+                    f"{v['perplexity_rise']:+.2%}, max {v['max_perplexity_rise']:.2%}): {verdict}"
+                )
+            else:
+                out.append(
+                    f"validation: baseline {v['baseline_accuracy']:.4f} -> fine-tuned "
+                    f"{v['finetuned_accuracy']:.4f} (drop {v['accuracy_drop']:+.4f}, max "
+                    f"{v['max_accuracy_drop']}): {verdict}"
+                )
         if "sparsity" in summ:
             ratio = summ.get("tflite_gzip_ratio")
             pruned = summ.get("pruned_sparsity") or {}
@@ -163,8 +204,15 @@ class RunReport:
         ft_entry = self.entry("finetune")
         ft = ft_entry.details if ft_entry is not None else {}
         out = _guard_lines(ft.get("guard"))
+        out += process_energy_lines(self.entries)  # --distribution data-parallel, N processes
         for name, rep in self.method_reports().items():
             out += _method_lines(name, rep)
+        dep = self.entry("deploy")
+        if dep is not None:  # sizes, ratios, accuracy, latency per export (deploy's own lines)
+            from keras_lean.pipeline.steps.deploy import report_lines as deploy_lines
+
+            out += deploy_lines(dep.details or {})
+        out += _epoch_lines(self)
         probe, jit = ft.get("jit_probe"), ft.get("jit_compile") or {}
         if isinstance(probe, dict):
             out += [
@@ -179,25 +227,64 @@ class RunReport:
 def _guard_lines(guard: Any) -> list[str]:
     if not (isinstance(guard, dict) and guard.get("stages")):
         return []
+    ppl = guard.get("metric") == "perplexity"  # a causal LM: judged by the perplexity rise
+    value, change = (
+        ("val_perplexity", "perplexity_rise") if ppl else ("val_accuracy", "accuracy_drop")
+    )
     rows = [
         (
             str(r["stage"]),
             f"{r['target_sparsity']:g}",
             fmt(r.get("sparsity"), "{:.1%}"),
-            fmt(r.get("val_accuracy"), "{:.4f}"),
-            fmt(r.get("accuracy_drop"), "{:+.4f}"),
+            fmt(r.get(value), "{:.3f}" if ppl else "{:.4f}"),
+            fmt(r.get(change), "{:+.2%}" if ppl else "{:+.4f}"),
             fmt(r.get("energy_j"), "{:.1f}"),
             "kept" if r.get("kept") else ("ok" if r.get("within_budget") else "over"),
         )
         for r in guard["stages"]
     ]
-    headers = ("stage", "target", "sparsity", "val acc", "drop", "energy J", "status")
+    headers = (
+        "stage",
+        "target",
+        "sparsity",
+        "val ppl" if ppl else "val acc",
+        "rise" if ppl else "drop",
+        "energy J",
+        "status",
+    )
+    budget = (
+        f"baseline perplexity {guard['baseline_perplexity']:.3f}, "
+        f"max_perplexity_rise {guard['max_perplexity_rise']:g}"
+        if ppl
+        else f"baseline accuracy {guard['baseline_accuracy']:.4f}, "
+        f"max_accuracy_drop {guard['max_accuracy_drop']:g}"
+    )
     return [
         "",
-        f"guard stages (baseline accuracy {guard['baseline_accuracy']:.4f}, "
-        f"max_accuracy_drop {guard['max_accuracy_drop']:g}):",
+        f"guard stages ({budget}):",
         *text_table(headers, rows, indent="  "),
         f"kept: {guard.get('reason', '')}",
+    ]
+
+
+def _epoch_lines(report: RunReport) -> list[str]:
+    """Energy per epoch of the runs that recorded it (a progressive fine-tune, the dense
+    reference): `  finetune (structured): 20.1, 14.2, 11.0 J`."""
+    from keras_lean.pipeline.plots import epoch_series
+
+    series = epoch_series(report)
+    if not series:
+        return []
+    width = max(len(label) for label in series)
+    return [
+        "",
+        "energy per epoch:",
+        *(
+            f"  {label + ':':<{width + 1}} "
+            + ", ".join(fmt(p["energy_j"], "{:.1f}") for p in points)
+            + " J"
+            for label, points in series.items()
+        ),
     ]
 
 

@@ -197,6 +197,10 @@ def _stage(
             gzip_bytes=recorder.gzip_bytes,
             details=recorder.details,
         )
+        # Several processes (--distribution data-parallel): every process's energy, summed.
+        from keras_lean.pipeline.distribution import combine_stage_entry
+
+        entry = StageEntry.from_dict(combine_stage_entry(entry.to_dict()))
         run.record_stage(entry.to_dict())
         recorder.entry = entry
 

@@ -26,8 +26,12 @@ def validate(
 ) -> ValidationResult:
     """Step 4: evaluates baseline and fine-tuned models on the validation data; the gate.
 
-    Writes `RUN/validation.json`. Passes when the accuracy drop (baseline minus fine-tuned) is at
-    most the recipe's `max_accuracy_drop`.
+    Writes `RUN/validation.json`. The gate's metric follows the task: a classifier passes when
+    the accuracy drop (baseline minus fine-tuned, absolute) is at most the recipe's
+    `max_metric_drop.accuracy` (alias `max_accuracy_drop`); a causal LM passes when the
+    perplexity rise, relative (`(ppl_finetuned - ppl_baseline) / ppl_baseline`, both over every
+    next-token position of the validation windows), is at most `max_metric_drop.perplexity`.
+    Accuracy (token accuracy for a causal LM) is reported either way.
 
     Args:
         out: the run folder (must hold `baseline.keras`, `finetuned.keras`, `recipe.yaml`).
@@ -50,10 +54,12 @@ def validate(
     with _stage(run, "validate", manifest) as stage:
         baseline = load_model(run.baseline)
         check_data_against_model(ds, baseline, model_name=str(run.baseline))
+        finetuned = load_model(run.finetuned)
         base_acc = evaluate(baseline, ds)
-        ft_acc = evaluate(load_model(run.finetuned), ds)
+        ft_acc = evaluate(finetuned, ds)
         drop = base_acc - ft_acc
-        passed = drop <= rec.max_accuracy_drop + 1e-9
+        gate = _perplexity_gate(manifest, rec, baseline, finetuned, ds)
+        passed = gate["passed"] if gate else drop <= rec.max_accuracy_drop + 1e-9
         fwd = forward_flops(baseline)
         stage.flops = None if fwd is None else 2 * fwd * len(ds.x_val)
         result = {
@@ -63,6 +69,8 @@ def validate(
             "max_accuracy_drop": rec.max_accuracy_drop,
             "passed": passed,
             "val_samples": int(len(ds.x_val)),
+            "metric": "perplexity" if gate else "accuracy",
+            **(gate or {}),
         }
         atomic_write_json(run.validation, result)
         stage.accuracy = ft_acc
@@ -77,3 +85,22 @@ def validate(
         max_accuracy_drop=rec.max_accuracy_drop,
         passed=passed,
     )
+
+
+def _perplexity_gate(manifest: dict, rec, baseline, finetuned, ds) -> dict | None:
+    """The perplexity figures and verdict of a causal-LM run (None for a classifier)."""
+    from keras_lean.pipeline import text as _text
+
+    if (manifest.get("text") or {}).get("task") != _text.CAUSAL_LM:
+        return None
+    logits = bool(manifest.get("from_logits", True))
+    base = _text.lm_perplexity(baseline, ds, from_logits=logits)
+    tuned = _text.lm_perplexity(finetuned, ds, from_logits=logits)
+    rise = (tuned - base) / base
+    return {
+        "baseline_perplexity": base,
+        "finetuned_perplexity": tuned,
+        "perplexity_rise": rise,
+        "max_perplexity_rise": rec.max_perplexity_rise,
+        "passed": rise <= rec.max_perplexity_rise + 1e-9,
+    }

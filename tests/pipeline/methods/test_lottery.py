@@ -70,7 +70,7 @@ def test_lottery_through_finetune_validate_deploy_and_report(trained_run):
     text = yaml.safe_load(run.recipe.read_text())
     text["lottery"].update({"rounds": 2, "rate": 0.5, "epochs_per_round": 1, "rewind_step": 3})
     text["export"].update({"formats": ["tflite"], "compare_baseline": False})
-    text["max_accuracy_drop"] = 1.0
+    text["max_metric_drop"]["accuracy"] = 1.0
     run.recipe.write_text(yaml.safe_dump(text))
 
     ft = finetune(run, verbose=0)

@@ -61,20 +61,30 @@ def test_soft_movement_combinations_are_refused(other):
         Recipe.from_dict({"version": 1, "methods": ["soft_movement", other]})
 
 
-def test_guard_refuses_soft_movement_and_stages_movement():
-    Recipe.from_dict({"version": 1, "methods": ["movement"], "guard": {"stages": [0.5, 0.8]}})
-    with pytest.raises(RecipeError, match=r"guard: cannot be combined with method 'soft_moveme"):
+def test_guard_stages_both_movement_variants_and_refuses_a_fixed_threshold():
+    for method in ("movement", "soft_movement"):
+        Recipe.from_dict({"version": 1, "methods": [method], "guard": {"stages": [0.5, 0.8]}})
+    with pytest.raises(RecipeError, match=r"soft_movement\.threshold: is set \(0\.2\).*guard"):
         Recipe.from_dict(
-            {"version": 1, "methods": ["soft_movement"], "guard": {"stages": [0.5, 0.8]}}
+            {
+                "version": 1,
+                "methods": ["soft_movement"],
+                "soft_movement": {"threshold": 0.2},
+                "guard": {"stages": [0.5, 0.8]},
+            }
         )
 
 
-def test_sweep_takes_soft_movement_thresholds_when_asked():
+def test_sweep_and_target_set_soft_movement_target_sparsity():
     assert "movement" in default_methods() and "soft_movement" not in default_methods()
-    points = sweep_points(["movement", "soft_movement"], {"soft_movement": [0.2, 0.4]})
-    assert ("soft_movement", 0.2) in points and ("soft_movement", 0.4) in points
+    points = sweep_points(["movement", "soft_movement"], {"soft_movement": [0.5, 0.9]})
+    assert ("soft_movement", 0.5) in points and ("soft_movement", 0.9) in points
+    assert SoftMovementMethod.target_option == "target_sparsity"
     options = SoftMovementMethod.with_target(SoftMovementOptions(), 0.3)
-    assert options.threshold == 0.3
+    assert options.target_sparsity == 0.3 and options.threshold is None
+    fixed = dataclasses.replace(SoftMovementOptions(), threshold=0.2)
+    with pytest.raises(RecipeError, match=r"soft_movement\.threshold: .*cannot be set"):
+        SoftMovementMethod.with_target(fixed, 0.3)
 
 
 @pytest.mark.parametrize(
@@ -113,3 +123,51 @@ def test_prepare_passes_the_movement_options_to_the_wrappers(digits, method_cls,
     assert report["movement"]["criterion"] == method_cls.criterion
     for key, value in section.items():
         assert report["movement"][key] == value
+
+
+def test_guard_runs_soft_movement_stages_to_their_targets(digits):
+    import keras
+
+    from keras_lean.pipeline.guard import run_stages
+    from keras_lean.pipeline.recipe import GuardOptions
+
+    x_train, y_train, x_val, y_val = digits
+    x_train, x_val = x_train[:96].reshape(96, -1), x_val[:32].reshape(32, -1)
+    data = Data(x_train, y_train[:96], x_val, y_val[:32], 10)
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden))
+
+    def fit(m, epochs=None, callbacks=()):
+        m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m.fit(data.x_train, data.y_train, batch_size=32, epochs=epochs, verbose=0)
+
+    out = run_stages(
+        model,
+        SoftMovementMethod(SoftMovementOptions()),
+        data,
+        guard=GuardOptions(stages=(0.5, 0.75), epochs_per_stage=1),
+        steps_per_epoch=3,
+        batch_size=32,
+        fit=fit,
+        evaluate=lambda m: 0.9,
+        baseline_accuracy=0.9,
+        max_accuracy_drop=0.01,
+    )
+    assert out.kept_stage == 2 and isinstance(out.method, SoftMovementMethod)
+    for row in out.stages:  # the pruned layers reach each stage's target
+        assert row["sparsity"] == pytest.approx(row["target_sparsity"], abs=0.01)
+    final = out.method.report()["final"]["layers"]
+    assert set(final) == {"hidden", "logits"}
+    assert all(v == pytest.approx(0.75, abs=0.01) for v in final.values())
+
+
+def test_report_says_the_sparsity_a_fixed_threshold_reached():
+    report = {
+        "target_sparsity": 0.8,
+        "movement": {"threshold": 0.2},
+        "final": {"sparsity": 0.4321},
+    }
+    (line,) = SoftMovementMethod.report_lines(report)
+    assert "fixed threshold 0.2: reached sparsity 43.2%" in line and "80%" in line
+    assert SoftMovementMethod.report_lines({**report, "movement": {"threshold": None}}) == []

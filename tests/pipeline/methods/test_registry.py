@@ -111,7 +111,7 @@ def test_a_method_defined_in_a_test_works_through_the_recipe(tiny, tmp_path):
         Recipe.from_dict({"version": 1, "methods": ["structured", "tiny"]})
     # The guard asks the class, and names the stageable methods from the registry.
     with pytest.raises(RecipeError, match=r"guard: cannot be combined with method 'tiny'.*"
-                       r"runs magnitude or movement alone"):  # fmt: skip
+                       r"runs magnitude, movement, structured or soft_movement alone"):  # fmt: skip
         Recipe.from_dict({"version": 1, "methods": ["tiny"], "guard": {"stages": [0.5]}})
     # The sweep reads its target option and default targets.
     assert sweep_points(["tiny"]) == [("tiny", 0.1), ("tiny", 0.2)]

@@ -12,6 +12,7 @@ import yaml
 from keras_lean.pipeline import configure, deploy, finetune, load_recipe
 from keras_lean.pipeline.methods import method_names
 from keras_lean.pipeline.methods.base import Data, FinetunePlan
+from keras_lean.pipeline.methods.registry import registered_class
 from keras_lean.pipeline.methods.structured import StructuredMethod, StructuredOptions
 from keras_lean.pipeline.options import RecipeError
 from keras_lean.pipeline.recipe import Recipe
@@ -52,7 +53,11 @@ class _Fit:
         yield None
 
 
-@pytest.mark.parametrize("other", [n for n in method_names() if n != "structured"], ids=lambda n: n)
+@pytest.mark.parametrize(
+    "other",
+    [n for n in method_names() if not registered_class(n).can_shrink_progressively],
+    ids=lambda n: n,
+)
 def test_progressive_is_refused_with_a_method_that_cannot_shrink(other):
     options = {"structured": StructuredOptions(mode="progressive")}
     with pytest.raises(RecipeError, match=f"progressive cannot be combined with '{other}'"):
