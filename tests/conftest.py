@@ -38,12 +38,21 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+_TESTS_RUN = [0]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clear():
-    """Every test starts from the same seeds and a clean Keras name scope."""
+    """Every test starts from the same seeds and a clean Keras name scope.
+
+    `clear_session()`'s own `gc.collect()` costs about 0.25 s with TensorFlow and keras-hub loaded
+    (measured: a quarter of a 2-core suite's time over 1,300 tests), so a full collection runs every
+    25 tests; Python's own collector runs in between as usual.
+    """
     keras.utils.set_random_seed(0)
     yield
-    keras.backend.clear_session()
+    _TESTS_RUN[0] += 1
+    keras.backend.clear_session(free_memory=_TESTS_RUN[0] % 25 == 0)
 
 
 @pytest.fixture(scope="session")

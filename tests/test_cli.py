@@ -155,6 +155,9 @@ def test_five_commands_and_every_artifact_loads(run_folder, tmp_path):
     assert payload["summary"]["sparsity"] > 0.6
 
 
+# Heavy: slow-marked. The default suite runs `run` in tests/test_console.py and every step's
+# command in test_five_commands_and_every_artifact_loads.
+@pytest.mark.slow
 def test_run_command_on_tiny_settings(tmp_path, tiny_data):
     out = tmp_path / "all"
     r = invoke(

@@ -26,38 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_lean._seeds import epoch_permutation, reseed, rng_state_variables
 from keras_lean.pipeline.distribution import check_global_batch, local_batch
-
-#: Mixed into the generator seeds so they differ from the data-order stream of the same epoch.
-_SEED_STREAM = 0x5EED
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of `n` samples in `epoch`: a permutation drawn from `(seed, epoch)` only."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def rng_state_variables(model: Any) -> list:
-    """The model's random-seed states: its variables that are not weights (Keras' definition).
-
-    `Layer.variables` extends `Layer.weights` with the `SeedGenerator` states, and nothing else.
-    """
-    weights = {id(v) for v in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
-
-
-def reseed(model: Any, seed: int, epoch: int) -> None:
-    """Sets every seed-generator state of `model` to a value drawn from `(seed, epoch)`."""
-    states = rng_state_variables(model)
-    if not states:
-        return
-    draws = np.random.default_rng([int(seed), int(epoch), _SEED_STREAM]).integers(
-        1, 2**31 - 1, size=len(states)
-    )
-    for var, draw in zip(states, draws, strict=True):
-        value = np.zeros(tuple(var.shape), dtype=np.dtype(var.dtype))
-        value.flat[0] = draw
-        var.assign(value)
 
 
 class EpochOrderedData:

@@ -19,11 +19,12 @@ measured so far); otherwise its removals wait for a later event. Before the firs
 measured trace time of the first compile stands in for the cost. A small model on a fast
 device thus shrinks once; a large one at every event.
 
-Training order: epoch `e` visits the samples in the order of the `e`-th
-`np.random.default_rng(seed).permutation(n)` (no shuffling with `shuffle=False`), in batches of
-`batch_size` (the last one of an epoch may be smaller), one `fit` call per segment (a
-`tf.data` pipeline gathering the batches from one copy of the data; a callback opens and closes
-the epoch windows at the epoch boundaries, and evaluates `validation_data` there, outside them).
+Training order: epoch `e` visits the samples in the order of
+`np.random.default_rng([seed, e]).permutation(n)`, the pipeline's rule (`keras_lean._seeds`;
+no shuffling with `shuffle=False`), in batches of `batch_size` (the last one of an epoch may be
+smaller), one `fit` call per segment (a `tf.data` pipeline gathering the batches from one copy
+of the data; a callback opens and closes the epoch windows at the epoch boundaries, and
+evaluates `validation_data` there, outside them).
 A run with a schedule that removes nothing is exactly dense fine-tuning in that order.
 The random-seed states of the model (dropout, noise) are set from `(seed, step)` as every epoch
 and every segment's `fit` begins (a rebuilt model's layers would otherwise draw new ones).
@@ -43,6 +44,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lean._seeds import epoch_permutation
 from keras_lean.flops import count_flops
 from keras_lean.structured.api import (
     _check_args,
@@ -542,8 +544,7 @@ def _resumed_copy(model: keras.Model):
 
 
 def _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data, first_epoch):
-    rng = np.random.default_rng(seed)
-    orders = [rng.permutation(n) if shuffle else np.arange(n) for _ in range(epochs)]
+    orders = [epoch_permutation(n, seed, e) if shuffle else np.arange(n) for e in range(epochs)]
     data = Batches(x, y, orders, run.kw["batch_size"], steps_per_epoch)
     clock = EpochClock(run, steps_per_epoch, validation_data)
     total = epochs * steps_per_epoch

@@ -13,33 +13,10 @@ import time
 import keras
 import numpy as np
 
+from keras_lean._seeds import reseed
 from keras_lean.structured.progressive_report import EpochRecord
 
 __all__ = ["Batches", "EpochClock", "SegmentCallback"]
-
-
-def reseed(model, seed: int, step: int) -> None:
-    """Sets the model's random-seed states (dropout, noise) from `(seed, step)`.
-
-    Called as every epoch and every segment's `fit` begins: a rebuilt model's layers draw new
-    seed states, and a resumed run must draw what the uninterrupted one drew; both then depend
-    on the step only. Seed states are the model's variables that are not weights (Keras').
-    """
-    weights = {id(v) for v in model.weights}
-    states = [v for v in model.variables if id(v) not in weights]
-    if not states:
-        return
-    draws = np.random.default_rng([int(seed), int(step), _SEED_STREAM]).integers(
-        1, 2**31 - 1, size=len(states)
-    )
-    for var, draw in zip(states, draws, strict=True):
-        value = np.zeros(tuple(var.shape), dtype=np.dtype(var.dtype))
-        value.flat[0] = draw
-        var.assign(value)
-
-
-#: Mixed into the seed of the seed states, so they differ from the data order's stream.
-_SEED_STREAM = 0x5EED
 
 
 class SegmentCallback(keras.callbacks.Callback):

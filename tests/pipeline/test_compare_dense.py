@@ -93,6 +93,8 @@ def test_dense_reference_records_its_stage_beside_the_untouched_pruned_run(
     assert run.finetuned.read_bytes() == pruned.finetuned.read_bytes()
     assert run.baseline.read_bytes() == pruned.baseline.read_bytes()
     assert report(run).entry("finetune") == ft
+    # It saved every epoch as the fine-tune's checkpoint does, to a scratch file now gone.
+    assert not (run.root / "dense_reference.checkpoint.keras").exists()
     dense_model = keras.models.load_model(result.artifacts["dense_reference"])
     assert dense_model.count_params() == entry.params
     assert entry.nonzero_params > 0.99 * entry.params > ft.nonzero_params

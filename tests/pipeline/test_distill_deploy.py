@@ -175,7 +175,10 @@ def test_distill_refuses_methods_with_their_own_loop(methods, match):
 @pytest.mark.parametrize(
     "body",
     [
-        "methods: [magnitude]\nguard: {stages: [0.4, 0.7], epochs_per_stage: 1}\n",
+        pytest.param(
+            "methods: [magnitude]\nguard: {stages: [0.4, 0.7], epochs_per_stage: 1}\n",
+            marks=pytest.mark.slow,  # heavy: the lora/lowrank cases cover the distilled fit
+        ),
         "methods: [lora]\nlora: {rank: 4}\nfinetune: {epochs: 1, jit_compile: off}\n",
         "methods: [lowrank]\nlowrank: {rank: 8}\nfinetune: {epochs: 1, jit_compile: off}\n",
     ],

@@ -224,6 +224,9 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+# Heavy (a real SIGINT to a subprocess): slow-marked. The default suite covers the CLI resume in
+# tests/test_cli.py::test_interrupted_finetune_then_resume.
+@pytest.mark.slow
 def test_ctrl_c_and_a_second_process_on_the_cli(two_runs, tmp_path):
     run, reference = two_runs
     release = tmp_path / "release"

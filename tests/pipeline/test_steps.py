@@ -225,6 +225,9 @@ def test_resume_refuses_a_changed_recipe(trained_run, monkeypatch):
         finetune(run, resume=True, verbose=0)
 
 
+# Heavy (XLA compiles): slow-marked. The default suite measures jit_compile auto in
+# tests/pipeline/test_sweep.py (decided once per sweep).
+@pytest.mark.slow
 def test_jit_auto_measures_restores_weights_and_caches(trained_run):
     run = RunDir(trained_run)
     _configure_tiny(run, jit_compile="auto", epochs=1)

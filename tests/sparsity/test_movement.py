@@ -157,7 +157,7 @@ def test_a_pruned_weight_regrows_when_its_score_rises(jit):
 
 @pytest.mark.parametrize(
     "jit,m_by_n",
-    [(False, None), (True, None), (False, (2, 4))],
+    [(False, None), pytest.param(True, None, marks=pytest.mark.slow), (False, (2, 4))],
     ids=["unstructured-graph", "unstructured-xla", "2-of-4-graph"],
 )
 def test_hard_movement_masks_follow_the_schedule_exactly(jit, m_by_n):

@@ -47,10 +47,9 @@ def _model(builder):
 
 
 def _fit_in_order(model, x, y, seed=0, epochs=EPOCHS):
-    """What the documented training order is: epoch e visits the e-th seeded permutation."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
+    """What the documented training order is: epoch e visits the permutation of (seed, e)."""
+    for e in range(epochs):
+        order = np.random.default_rng([seed, e]).permutation(len(x))
         model.fit(x[order], y[order], batch_size=BS, epochs=1, shuffle=False, verbose=0)
     return model
 

@@ -7,7 +7,9 @@ again with the recipe's training settings and none of its methods, through the f
 own `PipelineFit` (so the optimizer, Adam at `finetune.learning_rate`, the batch size, the seed
 and the epoch-ordered data are the pipeline's): with the strategy, mixed precision and XLA choice
 the fine-tune used, for as many epochs as it ran (all guard stages together; the epochs early
-stopping left), in one fit, without early stopping, checkpoints, guard stages or distillation.
+stopping left), in one fit, without early stopping, guard stages or distillation. It saves the
+model after every epoch as the fine-tune's checkpoint does (to a scratch file, deleted at the end),
+so neither window pays for something the other skips.
 
 Around its training the stage does what the finetune stage does (load, evaluate, save, count
 sizes and FLOPs), so the two windows are comparable; the one-off XLA measurement of
@@ -50,6 +52,8 @@ from keras_lean.pipeline.strategy import get_strategy
 STAGE = "dense_reference"
 #: The dense model's file in the run folder.
 DENSE_MODEL = "dense_reference.keras"
+#: The per-epoch save that mirrors the fine-tune's checkpoint; deleted when the stage ends.
+_SCRATCH_CHECKPOINT = "dense_reference.checkpoint.keras"
 #: U+2212, the minus sign of the comparison line.
 _MINUS = "\u2212"
 
@@ -130,7 +134,13 @@ def dense_reference(
                 verbose=verbose,
                 seed=ft.seed,
             )
-            history = fit(model, callbacks=[*callbacks, fit.energy_callback()])
+            scratch = run.root / _SCRATCH_CHECKPOINT
+            try:
+                history = fit(
+                    model, callbacks=[*callbacks, _epoch_save(scratch), fit.energy_callback()]
+                )
+            finally:
+                scratch.unlink(missing_ok=True)
             epochs_run = len(history.history.get("loss", [])) or epochs
             stage.accuracy = evaluate(model, data)
             save_model_atomic(model, run.root / DENSE_MODEL)
@@ -161,6 +171,17 @@ def dense_reference(
         run.record_stage(entry.to_dict())
         stage.entry = entry
     return stage_result(STAGE, stage, {"dense_reference": str(run.root / DENSE_MODEL)})
+
+
+def _epoch_save(path):
+    """A callback saving the model after every epoch, as the fine-tune's checkpoint does."""
+    import keras
+
+    class EpochSave(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            save_model_atomic(self.model, path)
+
+    return EpochSave()
 
 
 def _epoch_log(history: Mapping[str, Sequence]) -> list[dict]:
