@@ -99,7 +99,6 @@ class PipelineFit:
         self._strategy = strategy
         self._tracker = tracker
         self._keep_compiled = keep_compiled
-        self._seed = seed
         self.seed = seed  # a method that runs its own loop orders its data by it too
         self.loss = loss
         self.jit_compile = jit_compile
@@ -176,7 +175,7 @@ class PipelineFit:
             ds.x_train,
             ds.y_train,
             batch_size=self._batch_size,
-            seed=self._seed,
+            seed=self.seed,
             initial_epoch=initial_epoch,
             epochs=epochs,
         )
