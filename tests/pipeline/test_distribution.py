@@ -69,7 +69,10 @@ def _free_port() -> int:
 
 def _start(tmp_path, name, *args, devices=1):
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(_WORKER))
+    if not script.exists():  # written once: a rewrite while a worker reads it runs an empty script
+        partial = tmp_path / "worker.py.partial"
+        partial.write_text(textwrap.dedent(_WORKER))
+        partial.replace(script)
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out = tmp_path / f"{name}.npz"
