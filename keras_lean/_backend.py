@@ -8,6 +8,8 @@
   `overwrite_with_gradient` (the float8 mechanism): `carry_mask(old, new)` is `new` in the
   forward pass and hands `new` back as the mask's "gradient", which the optimizer writes into
   the mask before it applies the constraints. TensorFlow keeps non-trainable masks.
+- TensorFlow traces a `tf.function` that creates variables twice: `build_train_state` builds a
+  compiled model's optimizer and metric variables before `fit`, so its first step traces once.
 - Energy windows synchronize JAX's asynchronous dispatch in `keras_lean.energy.tracker`
   (`_sync_devices`, the one sync spot).
 """
@@ -17,7 +19,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["name", "is_jax", "masks_ride_gradients", "carry_mask", "step_dtype"]
+__all__ = [
+    "name",
+    "is_jax",
+    "masks_ride_gradients",
+    "carry_mask",
+    "step_dtype",
+    "build_train_state",
+]
 
 
 def name() -> str:
@@ -66,3 +75,32 @@ def saved_state(layer) -> dict:
     store: dict = {}
     layer.save_own_variables(store)
     return {key: np.array(ops.convert_to_numpy(value)) for key, value in store.items()}
+
+
+def build_train_state(model, x, y) -> None:
+    """Creates the optimizer's and the compiled metrics' variables of `model` before `fit`.
+
+    TensorFlow traces a `tf.function` that creates variables twice (once creating them, then
+    once more without); the first train step of `fit` creates the optimizer's slots and the
+    compiled metrics' variables unless they exist, so building them first halves the trace of
+    every (re)compiled model, the largest fixed cost of a shrink. Public Keras only: the
+    optimizer's `build`, one eager `compute_metrics` on the first sample of `(x, y)`, then
+    `reset_metrics`. The other backends do not trace twice: nothing is done there.
+
+    Args:
+        model: a compiled model (not trained, its weights untouched).
+        x: training inputs (an array or a structure of arrays).
+        y: training targets.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    optimizer = model.optimizer
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    xs, ys = keras.tree.map_structure(lambda a: a[:1], (x, y))
+    try:
+        model.compute_metrics(xs, ys, model(xs, training=False), sample_weight=None)
+    except (ValueError, TypeError, RuntimeError):
+        pass  # metrics an eager update cannot build (a strategy refusing it): the step builds them
+    finally:
+        model.reset_metrics()

@@ -262,6 +262,13 @@ def hub_attention_sublayers(block: Any) -> dict[str, Any]:
     return found
 
 
+#: The attributes of the sublayers gradual structured pruning swaps for masked twins: a
+#: MultiHeadAttention's output projection (its input carries the heads) and a keras-hub block's
+#: feed-forward intermediate Dense (its output carries the feed-forward neurons).
+MHA_OUTPUT_ATTR = "_output_dense"
+HUB_FFN_INTERMEDIATE_ATTR = "_feedforward_intermediate_dense"
+
+
 def replace_sublayer(owner: Any, attr: str, new: Any) -> None:
     """Sets `owner.<attr>` to the layer `new` in place of the layer it holds, so `owner.weights`,
     saving and training see only `new`, at the old layer's position among `owner`'s sublayers.

@@ -284,8 +284,11 @@ def deploy(out, run_name, quantization, keras_quantization):
             f"{exp['latency_batch_size']}: Keras {exp['keras_latency_ms']:.2f} ms, TFLite "
             f"{exp['tflite_latency_ms']:.2f} ms"
         )
-    if d.get("tflite_gzip_ratio") is not None:
-        click.echo(f"  TFLite gzip size: {d['tflite_gzip_ratio']:.2f}x the baseline's")
+    from keras_lean.pipeline.steps.report import tflite_size_phrase
+
+    size = tflite_size_phrase(d.get("tflite_gzip_ratio"), exp.get("quantization"))
+    if size is not None:
+        click.echo(f"  {size}")
 
 
 @cli.command(name="run")

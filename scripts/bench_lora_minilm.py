@@ -16,6 +16,11 @@ Configurations, trained with the same data, batch size, epochs and seed:
               the hidden width is kept; pruned blocks become PrunedTransformerEncoder, which keep
               each head's width), then LoRA as above, merged. If a prune ever removes nothing,
               the row prints "not available" with build_graph's skipped layers.
+  structured+lora+kd  (--distill) the same pruned LoRA start, epochs and learning rate, fitted
+              with keras_lean.distill against the logits of the `full` model fine-tuned above
+              (the teacher; --distill-alpha, --distill-temperature); its energy per step
+              includes the teacher's forward pass. Prints per seed the share of the accuracy
+              lost by labels alone that distillation recovers (target: at least half).
 
 Targets checked at the end: LoRA (trainable <= 2 %, time and energy per step <= 0.7x full,
 accuracy within 1 pt) and structured+LoRA (energy per step <= 0.37x full, accuracy within 1 pt).
@@ -27,6 +32,7 @@ so times are medians over steps and epochs.
 
     python scripts/bench_lora_minilm.py                 # about 4-6 minutes on 2 CPU cores
     python scripts/bench_lora_minilm.py --epochs 2 --train 256
+    python scripts/bench_lora_minilm.py --distill --seeds 1 --train 128 --epochs 3
 """
 
 from __future__ import annotations
@@ -121,14 +127,25 @@ def count(variables) -> int:
     return int(sum(np.prod(v.shape) for v in variables))
 
 
-def train(name, model, lr, data, args, tracker, seed):
+def compile_for(model, lr, args, teacher=None):
+    """`model` compiled for `fit`, or with a teacher the `keras.distillation.Distiller` to fit
+    (keras_lean.distill; the teacher's forward pass runs inside the same fit)."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if teacher is None:
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"],
+                      jit_compile=args.jit_compile)  # fmt: skip
+        return model
+    from keras_lean.distill import DistillConfig, compile_distiller
+
+    config = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature)
+    return compile_distiller(model, teacher, config, from_logits=True,
+                             optimizer=keras.optimizers.Adam(lr), loss=loss,
+                             jit_compile=args.jit_compile)  # fmt: skip
+
+
+def train(name, model, lr, data, args, tracker, seed, teacher=None):
     (x_train, y_train), (x_val, y_val) = data
-    model.compile(
-        optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=args.jit_compile,
-    )
+    fitter = compile_for(model, lr, args, teacher)
     timer = StepTimer()
     rng = np.random.default_rng(seed)
     epoch_energy_j, epoch_s = [], []
@@ -137,7 +154,7 @@ def train(name, model, lr, data, args, tracker, seed):
         if tracker is not None:
             x_epoch, y_epoch = shuffled(x_train, y_train, rng)
             with tracker.window(f"{name}/epoch{epoch}"):
-                model.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
+                fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
                           callbacks=[timer])  # fmt: skip
             record = tracker.records[-1]
             epoch_energy_j.append(record.energy_j)
@@ -145,7 +162,7 @@ def train(name, model, lr, data, args, tracker, seed):
         else:
             x_epoch, y_epoch = shuffled(x_train, y_train, rng)
             t0 = time.perf_counter()
-            model.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
+            fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
                       callbacks=[timer])  # fmt: skip
             epoch_s.append(time.perf_counter() - t0)
             epoch_energy_j.append(float("nan"))
@@ -201,6 +218,25 @@ def encoder_structure(model) -> str:
     return " ".join(f"{b.num_heads}/{b.intermediate_dim}" for b in blocks)
 
 
+def distill_summary(full: dict, plain: dict, kd: dict, args) -> str:
+    """Per seed: labels alone and distilled vs the full fine-tune, share of the loss recovered,
+    and the energy per step each paid (the distilled one includes the teacher's forward)."""
+    rows = []
+    for i, (f, p, k) in enumerate(
+        zip(full["val_accuracies"], plain["val_accuracies"], kd["val_accuracies"], strict=True)
+    ):
+        lost = f - p
+        share = f"recovered {(k - p) / lost:.0%}" if lost > 0 else "labels alone lost nothing"
+        rows.append(f"seed {args.seed + i}: labels {100 * (p - f):+.1f} pt, distilled "
+                    f"{100 * (k - f):+.1f} pt vs full ({share})")  # fmt: skip
+    j_plain = plain["epoch_energy_j"] / plain["steps_per_epoch"]
+    j_kd = kd["epoch_energy_j"] / kd["steps_per_epoch"]
+    return (f"distillation (alpha {args.distill_alpha}, T {args.distill_temperature}, teacher: "
+            f"the full fine-tune): " + "; ".join(rows) + f"; energy/step {j_kd:.2f} J vs "
+            f"{j_plain:.2f} J labels alone ({j_kd / j_plain:.2f}x, teacher forward included), "
+            f"{kd['step_s']:.3f} vs {plain['step_s']:.3f} s/step")  # fmt: skip
+
+
 def evaluate(model, x_val, y_val, batch_size) -> float:
     logits = model.predict(x_val, batch_size=batch_size, verbose=0)
     return float(np.mean(np.argmax(logits, axis=-1) == y_val))
@@ -221,6 +257,13 @@ def main() -> None:
     parser.add_argument(
         "--structured-importance", default="taylor", choices=["auto", "l1", "l2", "taylor"]
     )
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="add structured+lora+kd: the same arm distilled from the full fine-tune",
+    )
+    parser.add_argument("--distill-alpha", type=float, default=0.5)
+    parser.add_argument("--distill-temperature", type=float, default=1.0)
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -266,6 +309,7 @@ def main() -> None:
         results["full"] = train("full", model, 5e-5, data, args, tracker, seed)
         results["full"]["val_accuracy"] = evaluate(model, data[1][0], y_val, 64)
         results["full"]["deployed_params"] = count(model.weights)
+        teacher = model if args.distill else None  # the full fine-tune: the best model here
         del model
 
         lora = apply_lora(fresh_classifier(seed), rank=args.rank, alpha=args.alpha,
@@ -289,25 +333,34 @@ def main() -> None:
             return results
         from keras_lean.structured import prune_structured
 
-        original = fresh_classifier(seed)
-        taylor = args.structured_importance in ("taylor", "auto")
-        pruned = prune_structured(
-            original,
-            args.structured_ratio,
-            args.structured_importance,
-            data=data[0] if taylor else None,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            batch_size=args.batch_size,
-            exclude=("logits",),
-        )
-        lora = apply_lora(pruned, rank=args.rank, alpha=args.alpha, keep_trainable="logits")
-        keras.utils.set_random_seed(seed)
-        results["structured+lora"] = train("structured+lora", lora, 1e-3, data, args, tracker,
-                                           seed)  # fmt: skip
-        merged = merge_lora(lora)
-        results["structured+lora"]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
-        results["structured+lora"]["deployed_params"] = count(merged.weights)
-        results["structured+lora"]["structure"] = encoder_structure(merged)
+        def pruned_lora():
+            original = fresh_classifier(seed)
+            taylor = args.structured_importance in ("taylor", "auto")
+            pruned = prune_structured(
+                original,
+                args.structured_ratio,
+                args.structured_importance,
+                data=data[0] if taylor else None,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                batch_size=args.batch_size,
+                exclude=("logits",),
+            )
+            return apply_lora(pruned, rank=args.rank, alpha=args.alpha, keep_trainable="logits")
+
+        # Same pruned start, same epochs and learning rate; the second arm also learns from the
+        # full fine-tune's logits (its forward pass is inside the energy window).
+        arms = [("structured+lora", None)]
+        if teacher is not None:
+            arms.append(("structured+lora+kd", teacher))
+        for name, arm_teacher in arms:
+            lora = pruned_lora()
+            keras.utils.set_random_seed(seed)
+            results[name] = train(name, lora, 1e-3, data, args, tracker, seed, arm_teacher)
+            merged = merge_lora(lora)
+            results[name]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
+            results[name]["deployed_params"] = count(merged.weights)
+            results[name]["structure"] = encoder_structure(merged)
+            del lora, merged
         return results
 
     probe_model = fresh_classifier(args.seed)
@@ -369,6 +422,13 @@ def main() -> None:
         checks["structured+lora accuracy within 1 point"] = (
             structured["val_accuracy"] >= full["val_accuracy"] - 0.01
         )
+    kd = results.get("structured+lora+kd")
+    if kd is not None and structured is not None:
+        print(distill_summary(full, structured, kd, args))
+        lost = full["val_accuracy"] - structured["val_accuracy"]
+        if lost > 0:
+            gain = kd["val_accuracy"] - structured["val_accuracy"]
+            checks["distillation recovers >= 1/2 of the loss"] = gain >= lost / 2
     for check, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {check}")
     if args.json:

@@ -157,6 +157,17 @@ def test_hub_attention_sublayers():
     assert tuple(ki.mha_projections(parts["_cross_attention_layer"])["key"].kernel.shape)[0] == 6
 
 
+def test_masked_sublayer_attributes_name_the_output_projection_and_the_ffn_dense():
+    keras_hub = pytest.importorskip("keras_hub")
+    from keras_lean._hub import FFN_INTERMEDIATE
+
+    enc = keras_hub.layers.TransformerEncoder(8, 2)
+    enc.build((None, None, 4))
+    mha = ki.hub_attention_sublayers(enc)["_self_attention_layer"]
+    assert getattr(mha, ki.MHA_OUTPUT_ATTR) is ki.mha_projections(mha)["output"]
+    assert getattr(enc, ki.HUB_FFN_INTERMEDIATE_ATTR).name == FFN_INTERMEDIATE
+
+
 def test_replace_sublayer_keeps_position_and_forgets_the_old_layer():
     outer = L.Layer()
     outer.first, outer.second = L.Dense(2, name="first"), L.Dense(3, name="second")

@@ -39,6 +39,7 @@ from keras_lean.export.tflite import (
     TFLiteRunner,
     convert_to_tflite,
     make_interpreter,
+    strip_tflite_names,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "quantize_keras",
     "quantize_keras_artifact",
     "sparse_storage",
+    "strip_tflite_names",
     "tflite_equivalence",
     "tflite_ops",
     "tolerance_for",

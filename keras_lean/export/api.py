@@ -16,7 +16,12 @@ from keras_lean.export.equivalence import SPARSE_TOLERANCE, compare_outputs, tol
 from keras_lean.export.saved_model import export_saved_model
 from keras_lean.export.sizes import file_sizes, weight_sizes
 from keras_lean.export.sparse import latency_note, sparse_storage
-from keras_lean.export.tflite import QUANTIZATIONS, TFLiteRunner, convert_to_tflite
+from keras_lean.export.tflite import (
+    QUANTIZATIONS,
+    TFLiteRunner,
+    convert_to_tflite,
+    strip_tflite_names,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -56,6 +61,8 @@ class ExportReport:
             entropy bound, DENSIFY ops).
         sparse_latency_note: what the sparse format buys at run time here, in one sentence.
         equivalence: one `Equivalence.to_dict()` per check (TFLite vs Keras; sparse vs dense).
+        tflite_names_stripped: the `.tflite` files' tensor names were removed
+            (`strip_tflite_names`) before the checks.
     """
 
     quantization: str
@@ -83,6 +90,7 @@ class ExportReport:
     sparse_storage: dict | None = None
     sparse_latency_note: str | None = None
     equivalence: tuple[dict, ...] = ()
+    tflite_names_stripped: bool = False
 
     @property
     def sparsity(self) -> float:
@@ -128,6 +136,7 @@ def export_model(
     latency_batch_size: int = 32,
     latency_runs: int = 20,
     sparse: bool = False,
+    strip_names: bool = False,
 ) -> ExportReport:
     """Exports a Keras model for deployment and checks the TFLite file against Keras.
 
@@ -154,6 +163,8 @@ def export_model(
         latency_batch_size: batch size of the latency measurement.
         latency_runs: timed batches per runtime.
         sparse: convert with sparse storage (for unstructured and N:M pruned models).
+        strip_names: remove the tensor names from the `.tflite` files (`strip_tflite_names`:
+            not needed at run time; a few hundred bytes raw and gzip), before they are checked.
 
     Returns:
         An `ExportReport`.
@@ -208,6 +219,7 @@ def export_model(
                 latency_batch_size=latency_batch_size,
                 latency_runs=latency_runs,
                 sparse=sparse,
+                strip_names=strip_names,
             )
         )
     return ExportReport(**fields)
@@ -225,17 +237,28 @@ def _export_tflite(
     latency_batch_size: int,
     latency_runs: int,
     sparse: bool,
+    strip_names: bool = False,
 ) -> dict[str, Any]:
     """`export_model`'s TFLite part: convert (sparse and dense format), check, measure."""
-    convert = dict(quantization=quantization, calibration_x=calibration_x)
-    path = convert_to_tflite(model, out_dir / f"{name}.tflite", sparse=sparse, **convert)
+
+    def convert(path: Path, sparse: bool = False) -> Path:
+        path = convert_to_tflite(
+            model, path, quantization=quantization, calibration_x=calibration_x, sparse=sparse
+        )
+        return strip_tflite_names(path) if strip_names else path
+
+    path = convert(out_dir / f"{name}.tflite", sparse)
     raw, gz = file_sizes(path)
     fields: dict[str, Any] = dict(
-        tflite_path=str(path), tflite_raw_bytes=raw, tflite_gzip_bytes=gz, sparse_tflite=sparse
+        tflite_path=str(path),
+        tflite_raw_bytes=raw,
+        tflite_gzip_bytes=gz,
+        sparse_tflite=sparse,
+        tflite_names_stripped=strip_names,
     )
     dense = None
     if sparse:
-        dense = convert_to_tflite(model, out_dir / f"{name}_dense.tflite", **convert)
+        dense = convert(out_dir / f"{name}_dense.tflite")
         fields["dense_tflite_raw_bytes"], fields["dense_tflite_gzip_bytes"] = file_sizes(dense)
         fields["sparse_storage"] = sparse_storage(path).to_dict()
     if check_x is None or not len(check_x):

@@ -5,7 +5,9 @@
 step in progress finishes and the weights, masks and optimizer state stay consistent; at the end
 of that step (or of the epoch, when the signal came during validation or checkpointing) it raises
 `TrainingInterrupted`. A second Ctrl-C raises `KeyboardInterrupt` at once. The previous handler is
-restored when `fit` ends or stops.
+restored when `fit` ends or stops. A method that runs its own loop (structured progressive trains
+one `fit` per segment) gets the same handling from `StepInterrupt`, which the finetune step makes
+when an `interrupt_callback()` is among its callbacks (`own_loop_interrupt`).
 
 What resume continues from is the last per-epoch checkpoint (`RUN/checkpoint.keras`, written by
 the finetune step after each epoch): the steps of an interrupted epoch are discarded and run again
@@ -118,4 +120,61 @@ def interrupt_callback() -> Any:
     return StopAfterStep()
 
 
-__all__ = ["TrainingInterrupted", "interrupt_callback"]
+class StepInterrupt:
+    """Ctrl-C for a training loop that is not one `fit` (a method that runs its own loop).
+
+    The same rule as `interrupt_callback`: while the `with` block runs, the first Ctrl-C only
+    asks to stop, and the loop's next `after_step` raises `TrainingInterrupted` (a second
+    Ctrl-C raises `KeyboardInterrupt` at once). The loop calls `after_step` after every train
+    step, and at an epoch's last step after that epoch's checkpoint is written.
+
+    Args:
+        steps_per_epoch: train steps per epoch (for the epoch and step the error names).
+
+    Example:
+        >>> with StepInterrupt(45) as stop:
+        ...     for step in range(180):
+        ...         train_one_step()
+        ...         stop.after_step(step + 1)
+    """
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.request = _Request()
+
+    def __enter__(self) -> StepInterrupt:
+        self.request.install()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.request.restore()
+
+    def after_step(self, steps_done: int) -> None:
+        """Raises `TrainingInterrupted` if Ctrl-C came; `steps_done`: steps finished in all
+        (the epochs before a resumed run's start included)."""
+        if not self.request.requested:
+            return
+        self.request.restore()
+        completed, step = divmod(int(steps_done), self.steps_per_epoch)
+        epoch = completed if step else completed - 1  # at an epoch's end: that epoch, all steps
+        step = step or self.steps_per_epoch
+        raise TrainingInterrupted(epoch=epoch, step=step, completed_epochs=completed)
+
+
+def own_loop_interrupt(callbacks: Any, steps_per_epoch: int) -> StepInterrupt | None:
+    """The Ctrl-C handling a caller asked for, for a method that runs its own loop.
+
+    Args:
+        callbacks: the callbacks the caller gave the fine-tune; an `interrupt_callback()`
+            among them asks for it.
+        steps_per_epoch: train steps per epoch.
+
+    Returns:
+        A `StepInterrupt`, or None when no `interrupt_callback()` is among `callbacks`.
+    """
+    if any(isinstance(getattr(cb, "request", None), _Request) for cb in callbacks):
+        return StepInterrupt(steps_per_epoch)
+    return None
+
+
+__all__ = ["StepInterrupt", "TrainingInterrupted", "interrupt_callback", "own_loop_interrupt"]

@@ -65,11 +65,12 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 
 def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike) -> Path:
-    """Draws accuracy, fine-tune energy and TFLite latency against sparsity into a PNG.
+    """Draws the gated metric, fine-tune energy and TFLite latency against sparsity into a PNG.
 
     Three panels share the sparsity axis, one line per method; the top panel shows the
-    baseline accuracy and the band allowed by `max_accuracy_drop`, and the sweet spot is a
-    star with its figures. Failed points are counted in the title.
+    metric the points were judged by (accuracy, or perplexity for a causal LM), its baseline
+    and the band the budget allows (`max_accuracy_drop` below, `max_perplexity_rise` above),
+    and the sweet spot is a star with its figures. Failed points are counted in the title.
 
     Args:
         points: the sweep's points (failed ones are skipped).
@@ -81,12 +82,18 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike) -> Path:
     Raises:
         ImportError: matplotlib is not installed (`pip install "keras_lean[plot]"`).
     """
-    ok = [p for p in points if p.ok and p.sparsity is not None and p.accuracy is not None]
-    base = next((p for p in ok if p.baseline_accuracy is not None), None)
+    ok = [p for p in points if p.ok and p.sparsity is not None and p.value is not None]
+    lm = any(p.metric == "perplexity" for p in ok)  # a causal LM: judged by perplexity
+    scale = 1.0 if lm else 100.0
+
+    def baseline_of(p):
+        return p.baseline_perplexity if lm else p.baseline_accuracy
+
+    base = next((p for p in ok if baseline_of(p) is not None), None)
     # The decision happens near the baseline: points far below it (a collapsed method) would
     # squash that band, so they sit on the bottom edge as open triangles with their accuracy.
     floor = None
-    if base is not None:
+    if base is not None and not lm:
         floor = 100 * (base.baseline_accuracy - max(10 * (base.max_accuracy_drop or 0.0), 0.05))
         if all(100 * p.accuracy >= floor for p in ok):
             floor = None
@@ -97,7 +104,7 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike) -> Path:
     for k, method in enumerate(methods):
         pts = sorted((p for p in ok if p.method == method), key=lambda p: p.sparsity)
         xs = [100 * p.sparsity for p in pts]
-        ys = [100 * p.accuracy if floor is None else max(100 * p.accuracy, floor) for p in pts]
+        ys = [scale * p.value if floor is None else max(100 * p.value, floor) for p in pts]
         style = dict(marker=markers[k % len(markers)], label=method, color=f"C{k}")
         ax_acc.plot(xs, ys, **style)
         for p, x, y in zip(pts, xs, ys, strict=True):
@@ -118,30 +125,41 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike) -> Path:
         ax_lat.plot(xs, [nan_if_none(p.tflite_latency_ms) for p in pts], **style)
 
     if base is not None:
-        b = 100 * base.baseline_accuracy
-        lo = b - 100 * (base.max_accuracy_drop or 0.0)
+        b, budget = scale * baseline_of(base), base.budget or 0.0
         ax_acc.axhline(b, color="0.3", linestyle="--", linewidth=1, label="baseline")
-        ax_acc.axhspan(
-            lo, b, color="tab:green", alpha=0.12, label=f"max drop {base.max_accuracy_drop:g}"
-        )
+        if lm:  # the relative rise allowed above the baseline's perplexity
+            ax_acc.axhspan(
+                b, b * (1 + budget), color="tab:green", alpha=0.12, label=f"max rise {budget:.0%}"
+            )
+        else:
+            ax_acc.axhspan(
+                b - 100 * budget, b, color="tab:green", alpha=0.12, label=f"max drop {budget:g}"
+            )
     best = next((p for p in ok if p.sweet_spot), None)
+    what = "perplexity" if lm else "accuracy"
     if best is not None:
         x = 100 * best.sparsity
         star = dict(marker="*", s=320, color="gold", edgecolor="black", zorder=5)
-        ax_acc.scatter([x], [100 * best.accuracy], label="sweet spot", **star)
+        ax_acc.scatter([x], [scale * best.value], label="sweet spot", **star)
         ax_e.scatter([x], [nan_if_none(best.finetune_energy_j)], **star)
         ax_lat.scatter([x], [nan_if_none(best.tflite_latency_ms)], **star)
+        change = (
+            f"perplexity {best.value:.3f} (rise {fmt(best.change, '{:+.1%}')})"
+            if lm
+            else f"accuracy {best.accuracy:.4f} (drop {fmt(best.accuracy_drop, '{:+.4f}')})"
+        )
         ax_acc.set_title(
             f"sweet spot \u2605 {best.method} {best.target:g}: {best.sparsity:.1%} sparse, "
-            f"accuracy {best.accuracy:.4f} (drop {best.accuracy_drop:+.4f}), fine-tune "
+            f"{change}, fine-tune "
             f"{fmt(best.finetune_energy_j, '{:.1f}')} J, TFLite "
             f"{fmt(best.tflite_latency_ms, '{:.3f}')} ms",
             fontsize=9,
             loc="left",
         )
     else:
-        ax_acc.set_title("no sweet spot: no point passed the max accuracy drop", fontsize=9)
-    ax_acc.set_ylabel("validation accuracy (%)")
+        limit = "max perplexity rise" if lm else "max accuracy drop"
+        ax_acc.set_title(f"no sweet spot: no point passed the {limit}", fontsize=9)
+    ax_acc.set_ylabel(f"validation {what}" + ("" if lm else " (%)"))
     if floor is not None:
         top = max(100 * p.accuracy for p in ok)
         ax_acc.set_ylim(floor - 0.6, max(top, 100 * base.baseline_accuracy) + 0.6)

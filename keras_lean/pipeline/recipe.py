@@ -150,6 +150,10 @@ class ExportOptions(Section):
             `SPARSE_TFLITE_AUTO` of the deployable model's weights are zero (unstructured and
             N:M pruning) and `quantization` is not `dynamic` (the TFLite runtime cannot run
             sparse hybrid weights), `on` always, `off` never.
+        strip_tflite_names: remove the tensor names from every `.tflite` written (the model's,
+            its dense twin and the baselines', so ratios stay like for like) before the checks
+            (`keras_lean.export.strip_tflite_names`): not needed at run time; signature defs
+            and metadata are kept; a few hundred bytes raw and gzip.
     """
 
     root: ClassVar[str | None] = "export"
@@ -185,6 +189,9 @@ class ExportOptions(Section):
         "auto",
         Choice(*SPARSE_TFLITE_CHOICES, aliases={True: "on", False: "off"}, normalize=str.lower),
         "TFLite sparse storage: auto (when >= 30 % of the weights are zero) | on | off",
+    )
+    strip_tflite_names: bool = option(
+        False, Bool(), "remove tensor names from the .tflite files (not needed at run time)"
     )
 
 

@@ -3,19 +3,23 @@
 `sweep(out)` trains one baseline (or reuses a run folder's with `baseline_run=`), then for each
 (method, target) point writes a recipe into its own run folder `OUT/<method>-<target>/` and runs
 configure, finetune, validate and deploy there. Each point's figures come from that folder's
-`report.json`: validation accuracy and drop against the baseline, measured sparsity and parameter
-fraction of the deployed model, fine-tune energy and TFLite latency. Layout of `OUT/`::
+`report.json`: the validation metric and its change against the baseline (accuracy drop for a
+classifier; perplexity rise, relative, for a causal LM: the metric the run's validate step gates
+on), measured sparsity and parameter fraction of the deployed model, fine-tune energy and TFLite
+latency. Layout of `OUT/`::
 
     baseline/            the baseline run folder (absent with `baseline_run=`)
     magnitude-0.5/       one complete run folder per point (`keras-lean report` reads it)
     ...
     sweep.csv            one row per point, rewritten (atomically) after every point
-    sweep.png            accuracy, fine-tune energy and latency against sparsity
+    sweep.png            the metric (accuracy or perplexity), fine-tune energy and latency
+                         against sparsity
 
 A point that fails records its error in its row and the sweep goes on. The sweet spot is the
-point with the highest sparsity whose accuracy drop passes the recipe's `max_accuracy_drop`; it
-is marked in the CSV (`sweet_spot`) and on the plot. The plot needs matplotlib (the `plot` extra);
-without it the CSV is written and `SweepResult.plot_message` says how to install it.
+point with the highest sparsity whose change passes the recipe's `max_metric_drop` for that
+metric (`max_accuracy_drop`, or `max_perplexity_rise` for a causal LM); it is marked in the CSV
+(`sweet_spot`) and on the plot. The plot needs matplotlib (the `plot` extra); without it the
+CSV is written and `SweepResult.plot_message` says how to install it.
 
 Example:
     >>> from keras_lean.pipeline.sweep import sweep
@@ -28,6 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -59,11 +64,18 @@ class SweepPoint:
             `final_sparsity` (lottery: its per-round `rate` is derived from `rounds`).
         folder: the point's run folder, relative to the sweep folder.
         status: `ok` or `failed`.
-        accuracy: validation accuracy of the fine-tuned Keras model (`validate`).
+        accuracy: validation accuracy of the fine-tuned Keras model (`validate`; token
+            accuracy for a causal LM).
         baseline_accuracy: the baseline's validation accuracy (`validate`).
         accuracy_drop: `baseline_accuracy - accuracy`.
-        max_accuracy_drop: the recipe's gate.
-        passed: whether the drop is within `max_accuracy_drop`.
+        max_accuracy_drop: the recipe's gate of classifiers.
+        metric: what `validate` gated the run on, so what `passed` and the sweet spot judge:
+            `accuracy` (classifiers) or `perplexity` (causal LMs).
+        perplexity: validation perplexity of the fine-tuned causal LM (else empty).
+        baseline_perplexity: the baseline's.
+        perplexity_rise: `(perplexity - baseline_perplexity) / baseline_perplexity`.
+        max_perplexity_rise: the recipe's gate of causal LMs.
+        passed: whether the change of `metric` is within its budget (`judge_point`).
         sweet_spot: the highest-`sparsity` point that passed (one per sweep at most).
         sparsity: fraction of the baseline's parameters that are gone or zero in the deployed
             model, `1 - nonzero_params / baseline_params` (biases included), so unstructured
@@ -97,6 +109,11 @@ class SweepPoint:
     baseline_accuracy: float | None = None
     accuracy_drop: float | None = None
     max_accuracy_drop: float | None = None
+    metric: str = "accuracy"
+    perplexity: float | None = None
+    baseline_perplexity: float | None = None
+    perplexity_rise: float | None = None
+    max_perplexity_rise: float | None = None
     passed: bool | None = None
     sweet_spot: bool = False
     sparsity: float | None = None
@@ -120,6 +137,21 @@ class SweepPoint:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def value(self) -> float | None:
+        """The fine-tuned model's figure of `metric` (accuracy or perplexity)."""
+        return self.perplexity if self.metric == "perplexity" else self.accuracy
+
+    @property
+    def change(self) -> float | None:
+        """How much worse than the baseline, in `metric`'s own terms (drop or relative rise)."""
+        return self.perplexity_rise if self.metric == "perplexity" else self.accuracy_drop
+
+    @property
+    def budget(self) -> float | None:
+        """The largest `change` that passes (`max_perplexity_rise` or `max_accuracy_drop`)."""
+        return self.max_perplexity_rise if self.metric == "perplexity" else self.max_accuracy_drop
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,12 +194,14 @@ class SweepResult:
         return tuple(p for p in self.points if not p.ok)
 
     def table(self) -> str:
-        """The points as a fixed-width text table (the sweet spot marked with `*`)."""
+        """The points as a fixed-width text table (the sweet spot marked with `*`); a causal-LM
+        sweep shows perplexity and its relative rise, what its points are judged by."""
+        lm = any(p.metric == "perplexity" for p in self.points)
         headers = (
             "method",
             "target",
-            "accuracy",
-            "drop",
+            "perplexity" if lm else "accuracy",
+            "rise" if lm else "drop",
             "sparsity",
             "params",
             "finetune J",
@@ -179,8 +213,8 @@ class SweepResult:
                 (
                     p.method,
                     f"{p.target:g}",
-                    fmt(p.accuracy, "{:.4f}"),
-                    fmt(p.accuracy_drop, "{:+.4f}"),
+                    fmt(p.value, "{:.3f}" if p.metric == "perplexity" else "{:.4f}"),
+                    fmt(p.change, "{:+.2%}" if p.metric == "perplexity" else "{:+.4f}"),
                     fmt(p.sparsity, "{:.1%}"),
                     fmt(p.param_fraction, "{:.0%}"),
                     fmt(p.finetune_energy_j, "{:.1f}"),
@@ -192,7 +226,7 @@ class SweepResult:
             elif p.sweet_spot:
                 notes.append("* sweet spot")
             else:
-                notes.append("" if p.passed else "over max drop")
+                notes.append("" if p.passed else f"over max {headers[3]}")
         lines = text_table(headers, rows, left=(0, 1), rule=True)
         body = [f"{row}  {note}".rstrip() for row, note in zip(lines[2:], notes, strict=True)]
         return "\n".join([*lines[:2], *body])
@@ -533,6 +567,7 @@ def _point_from_run(
         entries = {}
     kw: dict[str, Any] = {
         "max_accuracy_drop": recipe.max_accuracy_drop,
+        "max_perplexity_rise": recipe.max_perplexity_rise,
         "status": "ok" if error is None else "failed",
         "error": error,
     }
@@ -547,13 +582,7 @@ def _point_from_run(
         )
     val = entries.get("validate")
     if val is not None:
-        v = val.details or {}
-        kw.update(
-            accuracy=v.get("finetuned_accuracy"),
-            baseline_accuracy=v.get("baseline_accuracy"),
-            accuracy_drop=v.get("accuracy_drop"),
-            passed=v.get("passed"),
-        )
+        kw.update(validation_fields(val.details or {}))
     dep = entries.get("deploy")
     if dep is not None:
         d = dep.details or {}
@@ -580,7 +609,43 @@ def _point_from_run(
         if isinstance(final, dict) and final.get("sparsity") is not None:
             kw["pruned_sparsity"] = final["sparsity"]
     option = method_class(method).target_option
-    return SweepPoint(method, target, option, run.root.name, **kw)
+    point = SweepPoint(method, target, option, run.root.name, **kw)
+    return dataclasses.replace(point, passed=judge_point(point)) if val is not None else point
+
+
+def validation_fields(details: Mapping[str, Any]) -> dict[str, Any]:
+    """A point's validation figures from its validate entry's details (`validation.json`):
+    the accuracies, and for a causal LM (`metric: perplexity`) the perplexities."""
+    metric = details.get("metric") or "accuracy"
+    fields = {
+        "metric": metric,
+        "accuracy": details.get("finetuned_accuracy"),
+        "baseline_accuracy": details.get("baseline_accuracy"),
+        "accuracy_drop": details.get("accuracy_drop"),
+    }
+    if metric == "perplexity":
+        fields.update(
+            perplexity=details.get("finetuned_perplexity"),
+            baseline_perplexity=details.get("baseline_perplexity"),
+            perplexity_rise=details.get("perplexity_rise"),
+        )
+    return fields
+
+
+def judge_point(point: SweepPoint) -> bool | None:
+    """Whether `point` passes the gate of the metric its run was validated by: the change
+    (accuracy drop, or relative perplexity rise: `guard.StageGate.change`, as the validate step
+    and the guard compute it) within the recipe's budget for that metric. None without the
+    figures."""
+    from keras_lean.pipeline.guard import _EPS, StageGate
+
+    base = point.baseline_perplexity if point.metric == "perplexity" else point.baseline_accuracy
+    if point.value is None or base is None or point.budget is None:
+        return None
+    if point.metric == "perplexity" and not base > 0:
+        return None
+    gate = StageGate(point.metric, lambda model: point.value, base, point.budget)
+    return gate.change(point.value) <= gate.budget + _EPS
 
 
 #: Sparsities this close to the highest passing one count as equal for the sweet spot: two
@@ -593,7 +658,8 @@ def mark_sweet_spot(points: Sequence[SweepPoint]) -> list[SweepPoint]:
 
     The sweet spot is the highest-`sparsity` point that succeeded and passed validation;
     points within `SWEET_SPOT_SPARSITY_TIE` of that sparsity tie, and the tie goes to the higher
-    accuracy, then to less fine-tune energy. None is marked when no point passed.
+    figure of the gate's metric (higher accuracy, or lower perplexity), then to less fine-tune
+    energy. None is marked when no point passed.
     """
     candidates = [p for p in points if p.ok and p.passed and p.sparsity is not None]
     best = None
@@ -601,9 +667,15 @@ def mark_sweet_spot(points: Sequence[SweepPoint]) -> list[SweepPoint]:
         top = max(p.sparsity for p in candidates)
         best = max(
             (p for p in candidates if p.sparsity >= top - SWEET_SPOT_SPARSITY_TIE),
-            key=lambda p: (p.accuracy or 0.0, -(p.finetune_energy_j or 0.0), p.sparsity),
+            key=lambda p: (-_worse(p), -(p.finetune_energy_j or 0.0), p.sparsity),
         )
     return [dataclasses.replace(p, sweet_spot=p is best) for p in points]
+
+
+def _worse(point: SweepPoint) -> float:
+    """How much worse than the baseline `point` is in its gate's metric (lower is better)."""
+    change = point.change
+    return math.inf if change is None else change
 
 
 def _csv_cell(value: Any) -> Any:
@@ -629,9 +701,11 @@ __all__ = [
     "SweepResult",
     "available_methods",
     "default_methods",
+    "judge_point",
     "mark_sweet_spot",
     "plot_sweep",
     "point_recipe",
     "sweep",
     "sweep_points",
+    "validation_fields",
 ]

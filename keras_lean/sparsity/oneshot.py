@@ -17,7 +17,9 @@ All three support N:M (e.g. 2:4) semi-structured sparsity along the input axis, 
 `keras_lean.sparsity.check_m_by_n` checks it.
 
 Inputs are captured by replacing the layer's `call` on the private copy for one forward pass
-(eager), which sees through Sequential, functional, nested and keras-hub models alike.
+(eager), which sees through Sequential, functional, nested and keras-hub models alike. A
+calibration pass for a layer that the model calls once ends as soon as that layer's input is
+seen (the layers after it cannot change it).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class _Projection:
 
     def __init__(self, layer, name: str):
         self.layer, self.name = layer, name
+        self.called_once = False  # set by _call_order: then a capture may end the pass early
         kernel = layer_kernel(layer)
         self.shape = tuple(int(d) for d in kernel.shape)
         if isinstance(layer, keras.layers.EinsumDense):
@@ -294,9 +297,17 @@ def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+class _Captured(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised by a hook to end a forward pass once the input it needs is seen (a
+    BaseException, so that no `except Exception` in a layer's call swallows it)."""
+
+
 def _forward(model, batches) -> None:
     for batch in batches:
-        model(batch, training=False)
+        try:
+            model(batch, training=False)
+        except _Captured:  # the rest of the model is not needed for this capture
+            pass
 
 
 # -- selecting layers --------------------------------------------------------------------------
@@ -359,8 +370,16 @@ def _call_order(model, projections, batches) -> list[list[_Projection]]:
     """The projections in the order the model calls them, grouped when consecutive ones read
     the same input tensor (e.g. query/key/value): those can be pruned from one capture."""
     seen: dict[int, Any] = {}
-    with _Hooks([p.layer for p in projections], lambda i, x: seen.setdefault(i, x)):
+    calls = [0] * len(projections)
+
+    def record(i, x):
+        seen.setdefault(i, x)
+        calls[i] += 1
+
+    with _Hooks([p.layer for p in projections], record):
         _forward(model, batches[:1])
+    for i, proj in enumerate(projections):  # a layer called once per pass ends its captures
+        proj.called_once = calls[i] == 1
     missing = [p.name for i, p in enumerate(projections) if i not in seen]
     if missing:
         raise ValueError(
@@ -387,6 +406,8 @@ def _gram(model, group: list[_Projection], batches) -> tuple[np.ndarray, int]:
         rows = proj.rows(x)
         acc["h"] += rows.T @ rows
         acc["rows"] += rows.shape[0]
+        if proj.called_once:  # nothing after this layer changes its input: skip the rest
+            raise _Captured
 
     with _Hooks([proj.layer], add):
         _forward(model, batches)

@@ -64,8 +64,9 @@ from keras_lean.structured.width import (
 )
 
 if importlib.util.find_spec("keras_hub") is not None:
-    # registers PrunedTransformerEncoder / PrunedTransformerDecoder, so pruned keras-hub models
-    # load from .keras with no custom_objects
+    # registers PrunedTransformerEncoder / PrunedTransformerDecoder (and the gradual masks'
+    # MaskedTransformerEncoder / ...Decoder), so pruned and masked keras-hub models load from
+    # .keras with no custom_objects
     from keras_lean.structured import hub_layers  # noqa: F401
 
 __all__ = [

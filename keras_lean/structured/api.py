@@ -16,6 +16,7 @@ from keras_lean.structured.hardware import resolve_round_to
 from keras_lean.structured.importance import IMPORTANCE_CRITERIA, unit_scores
 from keras_lean.structured.masks import (
     ChannelMask,
+    MaskedBlock,
     MaskedLayerNormalization,
     MaskedMultiHeadAttention,
     keep_count,
@@ -277,7 +278,7 @@ def _copy_weights(old: Any, new: Any) -> None:
         path = rel(old, w)
         if path in by_path:
             by_path[path].assign(keras.ops.convert_to_numpy(w))
-        elif path not in ("mask", "pruning_step"):
+        elif path.rsplit("/", 1)[-1] not in ("mask", "pruning_step"):
             raise ValueError(f"Layer {new.name!r} has no weight matching {w.path!r}.")
 
 
@@ -380,8 +381,9 @@ def prune_structured_gradually(
             taylor_batches: as for `prune_structured`.
 
     Returns:
-        A new Keras model with `ChannelMask` layers (and `MaskedMultiHeadAttention` for attention),
-        weights copied, not compiled.
+        A new Keras model with `ChannelMask` layers (and `MaskedMultiHeadAttention` for attention,
+        `hub_layers.MaskedTransformerEncoder` / `...Decoder` masking whole heads and feed-forward
+        neurons of keras-hub transformer blocks), weights copied, not compiled.
 
     Raises:
         ValueError: for a bad argument or a model type that is not supported.
@@ -400,7 +402,7 @@ def prune_structured_gradually(
     _check_args(0.0, importance, round_to, min_channels)
     schedule = as_schedule(pruning_schedule)
     model = _flat(model)
-    graph = build_graph(model, exclude, inner_groups=False)  # masks cannot reach inside
+    graph = build_graph(model, exclude)
     _warn_if_nothing_prunable(graph)
     scores = unit_scores(
         graph,
@@ -474,6 +476,7 @@ def shrink(model: keras.Model) -> keras.Model:
     channel_masks: list[tuple[str, np.ndarray]] = []
     head_masks: dict[str, np.ndarray] = {}
     norm_masks: dict[str, np.ndarray] = {}
+    block_masks: dict[str, dict] = {}
     for call in model_calls(model):
         layer = call.layer
         if isinstance(layer, ChannelMask):
@@ -486,6 +489,8 @@ def shrink(model: keras.Model) -> keras.Model:
             head_masks[layer.name] = np.asarray(layer.mask.numpy())
         if isinstance(layer, MaskedLayerNormalization):
             norm_masks[layer.name] = np.asarray(layer.mask.numpy())
+        if isinstance(layer, MaskedBlock):
+            block_masks[layer.name] = layer.unit_masks()
         for t in call.outputs:
             produced_by[id(t)] = layer.name
     old_layers: dict[str, Any] = {}
@@ -498,6 +503,8 @@ def shrink(model: keras.Model) -> keras.Model:
             return L.MultiHeadAttention.from_config(layer.plain_config())
         if isinstance(layer, MaskedLayerNormalization):
             return L.LayerNormalization.from_config(layer.plain_config())
+        if isinstance(layer, MaskedBlock):
+            return layer.unmasked()
         return clone_layer(layer)
 
     plain, new_layers = replay(model, make)
@@ -524,6 +531,12 @@ def shrink(model: keras.Model) -> keras.Model:
         record(graph.heads[name], mask, name)
     for name, mask in norm_masks.items():
         record(graph.layer_ids[name][0][0], mask, name)
+    for name, masks in block_masks.items():
+        for key, ids in (("heads", graph.heads), ("inner", graph.inner)):
+            if masks[key] is not None:
+                if name not in ids or len(ids[name]) != len(masks[key]):
+                    raise ValueError(f"Cannot match the {key} masks of {name!r} to its units.")
+                record(ids[name], masks[key], name)
     prunable = {u for g in graph.groups for u, p in zip(g.units, g.prunable, strict=False) if p}
     pruned = {u for u, keep in state.items() if not keep}
     blocked = pruned - prunable

@@ -31,8 +31,8 @@ heads (`heads`) of a keras-hub `TransformerEncoder` / `TransformerDecoder`. They
 nothing outside the layer; surgery rebuilds the layer from its config with a smaller
 `intermediate_dim` and, when heads go, as `hub_layers.Pruned*` with fewer `num_heads` of the same
 `head_dim` (keras-hub alone would derive key_dim = hidden_dim // num_heads). Its hidden width
-stays, and gradual masks cannot reach inside a layer, so `build_graph(..., inner_groups=False)`
-(what the gradual path uses) blocks these groups too.
+stays. Gradual pruning masks these groups inside the block (`hub_layers.MaskedTransformer*`);
+`build_graph(..., inner_groups=False)` blocks them instead.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ class CallContext:
         """`n` new channel identities owned by this layer (`"<layer>:<role>"` in reports).
 
         `heads=True`: they are attention heads (the group's kind is `heads`); `inner=True`: a
-        group inside the layer that gradual masks cannot reach (`inner_groups`).
+        group inside the layer (blocked when the graph is built with `inner_groups=False`).
         """
         ids = self._graph._fresh(int(n), f"{self._layer.name}:{role}")
         if heads:

@@ -29,7 +29,13 @@ from keras import ops
 
 from keras_lean import _backend
 
-__all__ = ["ChannelMask", "MaskedLayerNormalization", "MaskedMultiHeadAttention", "keep_count"]
+__all__ = [
+    "ChannelMask",
+    "MaskedBlock",
+    "MaskedLayerNormalization",
+    "MaskedMultiHeadAttention",
+    "keep_count",
+]
 
 # Tolerance for `floor(size * sparsity)`, so float32 rounding (in-graph) and float64 (numpy) agree.
 _EPS = 1e-4
@@ -69,6 +75,22 @@ def _check_int_list(name: str, values: Any) -> list[int]:
             f"{name} must be a list of integers. Received: {name}={values!r}"
         ) from None
     return out
+
+
+class MaskedBlock:
+    """A layer that masks unit groups *inside* itself (a keras-hub transformer block's heads and
+    feed-forward neurons, `hub_layers.MaskedTransformerEncoder`), as `shrink` sees it.
+
+    Subclasses implement `unit_masks()`: per inner group the graph knows (`"heads"`, `"inner"`),
+    its current 0/1 mask, or None for a group left unmasked; and `unmasked()`: a new, unbuilt
+    plain layer of the same configuration without masks (weights are copied by path).
+    """
+
+    def unit_masks(self) -> dict[str, np.ndarray | None]:
+        raise NotImplementedError
+
+    def unmasked(self) -> Any:
+        raise NotImplementedError
 
 
 class _GroupMaskMixin:

@@ -10,7 +10,8 @@ recompiled, and every later step runs on the smaller model. The trajectory is th
 masked channel contributes exact zeros, a removed one nothing), without paying for the zeros.
 
 A shrink has a fixed cost (dependency graph, rebuild, optimizer rebuild, compile, retrace on the
-first step), measured every time. The last event of the schedule always runs (the target is
+first step: one trace, the variables being built before it, `_backend.build_train_state`),
+measured every time. The last event of the schedule always runs (the target is
 reached with training left after it), so acting on an earlier event buys the smaller model only
 for the steps until that last event, at the price of one more shrink. With `shrink_when="cost"`
 an earlier event is acted on only when the step time it saves over those steps outweighs the
@@ -32,6 +33,9 @@ and every segment's `fit` begins (a rebuilt model's layers would otherwise draw 
 Checkpoints: `epoch_end(epoch, model, state)` is called after every epoch with the current
 (shrunk, compiled) model and a JSON state (`progressive_state`); passing the saved model and
 state back (`resume=state`) continues after that epoch as the uninterrupted run does.
+`step_end(steps_done)`, called after every step, may stop the run by raising (the pipeline's
+Ctrl-C handling, `keras_lean.pipeline.interrupt.StepInterrupt`); resume then continues from the
+last `epoch_end` checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lean._backend import build_train_state
 from keras_lean._seeds import epoch_permutation
 from keras_lean.flops import count_flops
 from keras_lean.structured.api import (
@@ -180,9 +185,13 @@ class _Run:
         kw = self.kw
         callback = SegmentCallback(clock, start)
         self._live = callback.times
-        self.model.fit(
-            dataset, epochs=1, shuffle=False, callbacks=[callback], verbose=kw["verbose"]
-        )
+        try:
+            self.model.fit(
+                dataset, epochs=1, shuffle=False, callbacks=[callback], verbose=kw["verbose"]
+            )
+        except BaseException:  # stopped (Ctrl-C via `step_end`, an error): no window left open
+            clock.abandon()
+            raise
         self._live = []
         times = callback.times
         if len(times) > 1:
@@ -275,6 +284,7 @@ class _Run:
                 metrics=kw["metrics"],
                 jit_compile=kw["jit_compile"],
             )
+            build_train_state(small, *kw["sample"])
         surgery = time.perf_counter() - t0
         self.model = small
         self.graph = None
@@ -395,6 +405,7 @@ def prune_structured_progressively(
     window_name: str = "progressive",
     verbose: int = 0,
     epoch_end: Callable[[int, keras.Model, dict], Any] | None = None,
+    step_end: Callable[[int], Any] | None = None,
     resume: dict | None = None,
     original: keras.Model | None = None,
 ) -> tuple[keras.Model, ProgressiveReport]:
@@ -435,6 +446,11 @@ def prune_structured_progressively(
         epoch_end: called after every epoch as `epoch_end(epoch, model, state)` (epoch from
             1): the current model (compiled, with its optimizer state) and the JSON-able
             state that continues the run from there (`progressive_state`); a checkpoint.
+        step_end: called after every train step as `step_end(steps_done)` (steps finished
+            since the run began, a resumed run's earlier epochs included; at an epoch's last
+            step after its `epoch_end`). It may raise to stop the run (the pipeline stops
+            there at Ctrl-C): a run resumed from the last `epoch_end` state then continues
+            as the uninterrupted one does.
         resume: such a `state`: `model` is then the model saved with it (compiled, its
             optimizer state is carried over; not changed), training continues after its
             epoch with the same data order and pruning events, and `optimizer`, `schedule`
@@ -480,6 +496,7 @@ def prune_structured_progressively(
         name=window_name,
         window=_windows(tracker),
         epoch_end=epoch_end,
+        step_end=step_end,
     )
     if resume is None:
         schedule = _resolve_schedule(schedule, ratio, total_steps, prune_end, prune_events)
@@ -496,6 +513,8 @@ def prune_structured_progressively(
         restore(run, resume)
     work.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     kw["jit_compile"] = work.jit_compile
+    kw["sample"] = keras.tree.map_structure(lambda a: a[:1], (x, y))
+    build_train_state(work, *kw["sample"])  # one trace per compile, not two
     _train(run, x, y, n, epochs, steps_per_epoch, shuffle, seed, validation_data, first_epoch)
     report = ProgressiveReport(
         total_steps=total_steps,

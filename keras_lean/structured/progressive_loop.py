@@ -39,6 +39,9 @@ class SegmentCallback(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._t0)
         self.step += 1
         self.clock.end_step(self.step)
+        hook = self.clock.run.kw.get("step_end")
+        if hook is not None:
+            hook(self.step)  # may raise to stop the run (Ctrl-C), after the epoch's checkpoint
 
     def on_train_end(self, logs=None):
         self.clock.end_part()
@@ -55,6 +58,7 @@ class EpochClock:
         self.run = run
         self.spe = steps_per_epoch
         self.validation_data = validation_data
+        self._validation = None  # its batches as a `tf.data.Dataset`, built on first use
         self._epoch = None  # [context, window, epoch index, t0, flops]
         self._part = None  # [context, window, t0, first step]
         self._last = 0  # one past the last step run
@@ -91,6 +95,15 @@ class EpochClock:
         self._epoch[4] += flops
         self.run.add_part(time.perf_counter() - t0, w)
 
+    def abandon(self) -> None:
+        """Closes the windows left open when training stops part-way (an exception): they
+        cover the steps that ran; the unfinished epoch gets no record."""
+        for slot in ("_part", "_epoch"):
+            current = getattr(self, slot)
+            setattr(self, slot, None)
+            if current is not None:
+                current[0].__exit__(None, None, None)
+
     def _end_epoch(self) -> None:
         cm, w, e, t0, flops = self._epoch
         self._epoch = None
@@ -101,10 +114,7 @@ class EpochClock:
         metrics = {}
         if self.validation_data is not None:
             metrics = self.run.model.evaluate(
-                *self.validation_data,
-                batch_size=self.run.kw["batch_size"],
-                verbose=0,
-                return_dict=True,
+                self._validation_batches(), verbose=0, return_dict=True
             )
         self.run.epochs.append(
             EpochRecord(
@@ -117,6 +127,21 @@ class EpochClock:
             )
         )
         self.run.epoch_done(e + 1)
+
+    def _validation_batches(self):
+        """The validation data in batches of `batch_size`, one input pipeline for every epoch.
+
+        `evaluate` on arrays builds a new input pipeline on every call (about as costly as a
+        few train steps of a small model); `fit` caches its validation iterator across epochs
+        for the same reason. Same batches, same order, so the same metrics.
+        """
+        if self._validation is None:
+            import tensorflow as tf
+
+            data = keras.tree.map_structure(tf.convert_to_tensor, tuple(self.validation_data))
+            batches = tf.data.Dataset.from_tensor_slices(data).batch(self.run.kw["batch_size"])
+            self._validation = batches.prefetch(tf.data.AUTOTUNE)
+        return self._validation
 
 
 class Batches:

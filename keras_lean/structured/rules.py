@@ -508,10 +508,7 @@ class _HubTransformerBlock(ChannelRule):
         ctx.slice(f"{FFN_OUTPUT}/kernel", 0, inner)
         heads = self._trace_heads(layer, ctx)
         if not ctx.inner_groups:
-            reason = (
-                "heads and feed-forward neurons inside a keras-hub transformer block are pruned "
-                "one-shot only (prune_structured): gradual masks cannot reach inside the layer"
-            )
+            reason = "heads and feed-forward neurons inside the block are kept (inner_groups=False)"
             ctx.block(inner, f"{name}: {reason}")
             ctx.block(heads, f"{name}: {reason}")
             ctx.note(f"{kept}; {reason}")
@@ -539,6 +536,30 @@ class _HubTransformerBlock(ChannelRule):
                     ctx.slice(f"{mha.name}/{part}/bias", 0, heads, "bias")
             ctx.slice(f"{mha.name}/attention_output/kernel", 0, heads)
         return heads
+
+    def masked_variant(self, layer, ctx):
+        """Gradual pruning: `hub_layers.MaskedTransformerEncoder` / `...Decoder`, masking the
+        block's prunable heads and feed-forward neurons; None when neither group is prunable."""
+        groups = {}
+        for key, ids, heads in (("head_mask", "heads", True), ("inner_mask", "inner", False)):
+            if ctx.prunable(ctx.info.get(ids)):
+                groups[key] = ctx.mask_args(ctx.info[ids], heads=heads)
+        if not groups:
+            return None
+        if not _rebuildable_with_fewer_heads(layer):
+            raise ValueError(
+                f"Gradual structured pruning cannot mask inside layer {layer.name!r} "
+                f"({type(layer).__name__}): only keras-hub's own TransformerEncoder / "
+                "TransformerDecoder (or keras_lean's Pruned* blocks) are masked; a subclass may "
+                "compute something else. Exclude it (exclude=("
+                f"{layer.name!r},)) or prune one-shot / progressively."
+            )
+        from keras_lean.structured.hub_layers import masked_block
+
+        schedule = None
+        for args in groups.values():
+            schedule = args.pop("pruning_schedule")
+        return masked_block(layer, groups.get("head_mask"), groups.get("inner_mask"), schedule)
 
     def resize(self, layer, config, ctx):
         config["intermediate_dim"] = ctx.kept(ctx.info["inner"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from keras_lean.distill import DistillConfig, Teacher
+from keras_lean.export import make_interpreter
 from keras_lean.flops import count_flops
 from keras_lean.pipeline import (
     RunDir,
@@ -35,7 +36,8 @@ def test_magnitude_distilled_then_sparse_int8_and_keras_int8(trained_run, tmp_pa
         "magnitude: {target_sparsity: 0.8}\n"
         "finetune: {epochs: 2, jit_compile: off}\n"
         "distill: {teacher: baseline, alpha: 0.6, temperature: 3}\n"
-        "export: {formats: [tflite], quantization: int8, latency_runs: 2}\n",
+        "export: {formats: [tflite], quantization: int8, latency_runs: 2,"
+        " strip_tflite_names: true}\n",
     )
     configure(run, recipe=recipe, force=True)
     assert load_recipe(run.recipe).distill == load_recipe(run.recipe).distill.__class__(
@@ -61,6 +63,11 @@ def test_magnitude_distilled_then_sparse_int8_and_keras_int8(trained_run, tmp_pa
     assert dep["equivalence_passed"] and len(exp["equivalence"]) == 2
     assert "DENSIFY" in exp["sparse_latency_note"]
     assert (run.export_dir / "model_dense.tflite").exists()
+    # strip_tflite_names: every .tflite written (model, dense twin, baselines) has no tensor names.
+    assert exp["tflite_names_stripped"] is True
+    for name in ("model", "model_dense", "baseline", "baseline_float"):
+        details = make_interpreter(run.export_dir / f"{name}.tflite").get_tensor_details()
+        assert details and all(not t["name"] for t in details), name
     kq = dep["keras_quantization"]
     assert kq["mode"] == "int8" and "dense1" in kq["quantized_layers"]
     assert kq["raw_bytes"] < kq["float_raw_bytes"] and kq["path"].startswith(str(run.export_dir))

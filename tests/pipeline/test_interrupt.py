@@ -10,7 +10,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lean.pipeline.interrupt import TrainingInterrupted, interrupt_callback
+from keras_lean.pipeline.interrupt import (
+    StepInterrupt,
+    TrainingInterrupted,
+    interrupt_callback,
+    own_loop_interrupt,
+)
 
 
 def _model():
@@ -121,3 +126,27 @@ def test_without_sigint_fit_runs_through_and_restores_the_handler():
     history = m.fit(x, y, batch_size=8, epochs=2, callbacks=[interrupt_callback()], verbose=0)
     assert len(history.history["loss"]) == 2
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize(
+    ("steps_done", "expected"),
+    [(3, (0, 3, 0)), (4, (0, 4, 1)), (6, (1, 2, 1))],
+    ids=["mid-first-epoch", "at-an-epoch-end", "mid-second-epoch"],
+)
+def test_step_interrupt_stops_an_own_loop_as_the_callback_stops_fit(steps_done, expected):
+    """4 steps per epoch: the epoch and step named as the callback names them."""
+    before = signal.getsignal(signal.SIGINT)
+    with StepInterrupt(4) as stop:
+        stop.after_step(1)  # no Ctrl-C yet: nothing happens
+        os.kill(os.getpid(), signal.SIGINT)  # asks to stop: nothing raised here
+        with pytest.raises(TrainingInterrupted) as info:
+            stop.after_step(steps_done)
+    e = info.value
+    assert (e.epoch, e.step, e.completed_epochs) == expected
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_own_loop_interrupt_only_when_the_caller_asked_for_it():
+    assert own_loop_interrupt([keras.callbacks.History()], 4) is None
+    stop = own_loop_interrupt([keras.callbacks.History(), interrupt_callback()], 4)
+    assert isinstance(stop, StepInterrupt) and stop.steps_per_epoch == 4

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
+import signal
 
 import keras
 import numpy as np
@@ -160,6 +163,48 @@ def test_resumed_progressive_run_ends_like_an_uninterrupted_one(trained_run, tmp
     rb = alone.entry["details"]["methods"]["structured"]["progressive"]
     assert [s["step"] for s in ra["shrinks"]] == [s["step"] for s in rb["shrinks"]] == [5, 20]
     assert len(ra["epochs"]) == 2
+
+
+def test_ctrl_c_in_the_progressive_loop_stops_after_the_step_like_the_fit(
+    trained_run, tmp_path, monkeypatch
+):
+    """SIGINT as step 19 begins (epoch 2, its 6th step of 13): that step finishes, the run
+    stops with the normal fine-tune's message and exit code, the checkpoint of epoch 1 stays."""
+    from click.testing import CliRunner
+
+    from keras_lean.cli import cli
+    from keras_lean.structured import progressive_loop
+
+    configure(trained_run, recipe=_progressive_recipe(tmp_path), epochs=2, batch_size=32,
+              jit_compile="off", force=True)  # fmt: skip
+    begin = progressive_loop.SegmentCallback.on_train_batch_begin
+    finished = []
+
+    def signal_at_step_18(self, batch, logs=None):
+        if self.step == 18:
+            os.kill(os.getpid(), signal.SIGINT)
+        begin(self, batch, logs)
+
+    def counted_end(
+        self, batch, logs=None, _end=progressive_loop.SegmentCallback.on_train_batch_end
+    ):
+        finished.append(self.step)
+        _end(self, batch, logs)
+
+    monkeypatch.setattr(progressive_loop.SegmentCallback, "on_train_batch_begin", signal_at_step_18)
+    monkeypatch.setattr(progressive_loop.SegmentCallback, "on_train_batch_end", counted_end)
+    handler = signal.getsignal(signal.SIGINT)
+    r = CliRunner().invoke(cli, ["finetune", "--out", str(trained_run), "-q"])
+    assert r.exit_code == 130, r.output
+    assert "Interrupted: interrupted in epoch 2 after step 6; a resume continues from the " \
+        "checkpoint of epoch 1" in r.output  # fmt: skip
+    assert f"resume with `keras-lean finetune --out {trained_run} --resume`" in r.output
+    assert finished[-1] == 18  # the step under way when the signal came finished, no other
+    state = json.loads((trained_run / "checkpoint.json").read_text())
+    assert state["epoch"] == 1 and state["method_state"]["epoch"] == 1
+    assert (trained_run / "checkpoint.keras").exists()
+    assert not (trained_run / "finetuned.keras").exists()
+    assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
 
 
 @pytest.mark.parametrize("other", ["magnitude", "movement", "lottery"], ids=lambda n: n)

@@ -176,3 +176,76 @@ def test_lora_layer_refused():
     model.get_layer("fc1").enable_lora(2)
     with pytest.raises(ValueError, match=r"'fc1' has LoRA enabled.*Merge LoRA first"):
         prune_oneshot(model, np.ones((4, 12), "float32"))
+
+
+def _captured_inputs(model, layers, x) -> dict:
+    """The first input of each layer in one eager forward pass (hooks its `call`)."""
+    seen = {}
+    for layer in layers:
+        original = layer.call
+
+        def hooked(*args, _layer=layer, _call=original, **kwargs):
+            seen.setdefault(_layer.name, keras.ops.convert_to_numpy(args[0]))
+            return _call(*args, **kwargs)
+
+        object.__setattr__(layer, "call", hooked)
+    try:
+        model(x, training=False)
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "call")
+    return seen
+
+
+def test_keras_hub_block_pruned_in_order_on_pruned_inputs():
+    """Every projection of a TransformerEncoder (EinsumDense q/k/v/output, Dense FFN) is
+    Wanda-pruned on the inputs it gets once the projections before it are pruned."""
+    keras_hub = pytest.importorskip("keras_hub")
+    inputs = keras.Input((6, 16))
+    outputs = keras_hub.layers.TransformerEncoder(32, 2, name="block")(inputs)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(2).normal(size=(8, 6, 16)).astype("float32")
+    pruned, report = prune_oneshot(model, x, method="wanda", sparsity=0.5)
+    names = [layer.name.split("/")[-1] for layer in report.layers]
+    order = ["query", "key", "value", "attention_output"]
+    assert names == [*order, "feedforward_intermediate_dense", "feedforward_output_dense"]
+    dense_block, pruned_block = model.get_layer("block"), pruned.get_layer("block")
+    attention = pruned_block._self_attention_layer
+    projections = [getattr(attention, f"_{n}_dense") for n in ("query", "key", "value")]
+    projections += [attention._output_dense, pruned_block._feedforward_intermediate_dense,
+                    pruned_block._feedforward_output_dense]  # fmt: skip
+    # in the final model, each projection's input depends only on the ones pruned before it
+    final_inputs = _captured_inputs(pruned, projections, x)
+    dense_kernels = {
+        la.name: np.array(la.kernel)
+        for la in dense_block._flatten_layers()
+        if hasattr(la, "kernel")
+    }
+    dense_inputs = _captured_inputs(model, [la for la in dense_block._flatten_layers()
+                                            if la.name in final_inputs], x)  # fmt: skip
+    for layer in projections:
+        kernel = dense_kernels[layer.name]
+        in_ndim = 2 if layer.name == "attention_output" else 1  # (heads, head_dim, hidden)
+        in_size = int(np.prod(kernel.shape[:in_ndim]))
+        rows = final_inputs[layer.name].reshape(-1, in_size)
+        expected = _wanda_by_hand(kernel.reshape(in_size, -1), rows, 0.5)
+        got = np.array(layer.kernel).reshape(in_size, -1)
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=layer.name)
+    # the later projections really do see different inputs than in the dense model
+    for name in ("attention_output", "feedforward_output_dense"):
+        assert not np.allclose(final_inputs[name], dense_inputs[name]), name
+
+
+def test_shared_layer_calibrated_on_every_call():
+    """A layer called twice per pass is scored on both inputs (its pass is not cut short)."""
+    inputs = keras.Input((12,))
+    shared = keras.layers.Dense(12, name="shared")
+    outputs = keras.layers.Dense(3, name="head")(shared(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    x = _correlated(20, 12, seed=4)
+    pruned, _ = prune_oneshot(model, x, method="wanda", sparsity=0.5, filters=["shared"])
+    kernel, bias = np.array(shared.kernel), np.array(shared.bias)
+    both = np.concatenate([x, x @ kernel + bias])
+    np.testing.assert_allclose(
+        np.array(pruned.get_layer("shared").kernel), _wanda_by_hand(kernel, both, 0.5), atol=1e-6
+    )

@@ -122,14 +122,22 @@ def test_flops_count_the_encoder_and_follow_the_feed_forward_width():
     assert count_flops(small).by_name()["transformer_layer_0"].flops < per_token
 
 
-def test_gradual_masks_leave_encoders_alone_and_say_why():
+def test_gradual_masks_enter_the_encoders(recwarn):
+    """Gradual masks now reach the heads and feed-forward neurons (test_hub_gradual.py has the
+    details); the masked blocks keep their full width until `shrink`."""
     from keras_lean.sparsity.schedules import ConstantSparsity
+    from keras_lean.structured.hub_layers import MaskedTransformerEncoder
 
-    with pytest.warns(UserWarning, match="one-shot only"):
-        masked = prune_structured_gradually(
-            _flat_bert(), ConstantSparsity(0.5, 0, frequency=1), exclude=("logits",)
-        )
-    assert [e.intermediate_dim for e in _encoders(masked)] == [FF, FF]
+    masked = prune_structured_gradually(
+        _flat_bert(), ConstantSparsity(0.5, 0, frequency=1), exclude=("logits",)
+    )
+    encoders = _encoders(masked)
+    assert all(isinstance(e, MaskedTransformerEncoder) for e in encoders) and len(encoders) == 2
+    assert [e.intermediate_dim for e in encoders] == [FF, FF]
+    assert [(e.head_mask is not None, e.inner_mask is not None) for e in encoders] == [
+        (True, True)
+    ] * 2
+    assert not [w for w in recwarn if "removes nothing" in str(w.message)]
 
 
 def test_a_keras_hub_task_is_pruned_through_its_backbone_then_lora_merges():

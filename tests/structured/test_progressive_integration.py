@@ -69,6 +69,40 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path):
     assert again.structure.params_before == report.structure.params_before
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_step_end_stops_the_run_after_a_step_and_leaves_no_window_open():
+    """`step_end` raising (the pipeline's Ctrl-C) mid epoch 2: the epoch-1 checkpoint came
+    first, no later step ran, and the tracker's windows are closed (a new one nests in the
+    caller's window again)."""
+    from keras_lean.energy import EnergyTracker
+
+    x, y = _data()
+    calls = []
+
+    def step_end(steps_done):
+        calls.append(("step", steps_done))
+        if steps_done == 6:
+            raise _Stop
+
+    def epoch_end(epoch, model, state):
+        calls.append(("epoch_end", epoch))
+
+    tracker = EnergyTracker()
+    with tracker.window("caller"):
+        with pytest.raises(_Stop):
+            _run(_mlp(), x, y, tracker=tracker, step_end=step_end, epoch_end=epoch_end)
+        with tracker.window("after") as after:
+            pass
+    assert calls == [("step", 1), ("step", 2), ("step", 3), ("epoch_end", 1), ("step", 4),
+                     ("step", 5), ("step", 6)]  # fmt: skip
+    assert after.parent == "caller"
+    names = [r.name for r in tracker.records]
+    assert "progressive/segment_1/epoch_2" in names  # the part that ran was measured
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

@@ -29,6 +29,7 @@ set `can_shrink_progressively`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -296,7 +297,9 @@ class StructuredMethod(Method):
                 "structured.mode: progressive); fine-tune again without --resume."
             )
         hook = getattr(fit, "epoch_end", None)
-        with fit.scope():
+        # Ctrl-C: stop after a step, keeping the last epoch's checkpoint (`PipelineFit.interrupt`).
+        interrupt = getattr(fit, "interrupt", None)
+        with fit.scope(), interrupt or contextlib.nullcontext():
             small, report = prune_structured_progressively(
                 model,
                 ratio,
@@ -322,6 +325,7 @@ class StructuredMethod(Method):
                 window_name="progressive",
                 verbose=fit.verbose,
                 epoch_end=None if hook is None else (lambda e, m, st: hook(e, m, st)),
+                step_end=None if interrupt is None else interrupt.after_step,
                 resume=resume,
                 original=fit.started_from() if resume is not None else None,
             )
@@ -333,7 +337,9 @@ class StructuredMethod(Method):
     def finalize(self, model: keras.Model) -> keras.Model:
         from keras_lean.structured import shrink, structure_report
 
-        small = shrink(model)
+        # Progressive mode removed the channels while training: the model has no masks, and
+        # `shrink` would only rebuild an identical copy (a graph walk and a weight copy).
+        small = model if self.options.mode == "progressive" else shrink(model)
         # At deploy the original is gone; the widths recorded at finetune (`load_state`) stay.
         if self._original is not None:
             report = structure_report(self._original, small, exclude=self.options.exclude)

@@ -163,7 +163,7 @@ def _baseline_ratios(
 ) -> dict:
     """Size ratios (deployed / baseline) vs the baseline at the same settings and, when the
     export is quantized, vs the float baseline's `.tflite` (what the size targets compare to)."""
-    from keras_lean.export import convert_to_tflite, file_sizes
+    from keras_lean.export import convert_to_tflite, file_sizes, strip_tflite_names
 
     out = {
         "tflite_gzip_ratio": report.tflite_gzip_bytes / baseline_report.tflite_gzip_bytes,
@@ -173,6 +173,8 @@ def _baseline_ratios(
     latency = baseline_report.tflite_latency_ms
     if opts.quantization != "none":
         path = convert_to_tflite(load_model(run.baseline), tmp / "baseline_float.tflite")
+        if opts.strip_tflite_names:  # like for like with the stripped model
+            strip_tflite_names(path)
         raw, gz = file_sizes(path)
         latency = _tflite_latency(path, ds_x, opts) if ds_x is not None else None
     out["float_baseline_tflite"] = {"raw_bytes": raw, "gzip_bytes": gz, "latency_ms": latency}
@@ -221,6 +223,7 @@ def _export(
         check_y=ds.y_val,
         latency_batch_size=opts.latency_batch_size,
         latency_runs=opts.latency_runs,
+        strip_names=opts.strip_tflite_names,
     )
     with atomic_directory(run.export_dir) as tmp:
         save_model_atomic(model, tmp / "model.keras")

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from keras_lean import _backend
 from keras_lean.pipeline.data import check_data_against_model
 from keras_lean.pipeline.lock import run_lock
 from keras_lean.pipeline.methods.base import Data, FinetunePlan
@@ -74,6 +75,9 @@ class PipelineFit:
             method_state)` writes the per-epoch checkpoint (None in a guarded run).
         method_state: when resuming, the `method_state` saved with the checkpoint, else None.
         started_from: when resuming, a function loading the baseline the run started from.
+        interrupt: for a method that runs its own loop: the Ctrl-C handling the caller asked
+            for (`interrupt.StepInterrupt`, when an `interrupt_callback()` is among the
+            step's callbacks), else None.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class PipelineFit:
         self.epoch_end = None
         self.method_state = None
         self.started_from = None
+        self.interrupt = None
 
     def optimizer(self):
         """A fresh Adam at the recipe's learning rate."""
@@ -166,6 +171,9 @@ class PipelineFit:
                     jit_compile=self.jit_compile,
                 )
         ds = self._data
+        if target is m:  # one trace of the first step, not two (variables built before it)
+            with self._strategy.scope():
+                _backend.build_train_state(m, ds.x_train, ds.y_train)
         epochs = epochs if epochs is not None else self._epochs
         if initial_epoch >= epochs:  # resumed after the last epoch: nothing left to train
             return target.fit(
@@ -268,7 +276,8 @@ def finetune(
         val_split: override the run's validation split.
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
         callbacks: extra Keras callbacks for the fine-tune fit (not for guard stages or a
-            method that runs its own loop).
+            method that runs its own loop; an `interrupt_callback()` among them also stops
+            such a loop at Ctrl-C, after a step, as `TrainingInterrupted`).
 
     Returns:
         A `StageResult` (artifact `finetuned`).
@@ -448,8 +457,12 @@ def _train(ctx: FinetuneContext, model: keras.Model) -> tuple[keras.Model, int |
 
 
 def _own_loop_checkpoints(ctx: FinetuneContext, state: dict) -> None:
-    """Lets a method that runs its own loop checkpoint every epoch and resume from one."""
+    """Lets a method that runs its own loop checkpoint every epoch and resume from one, and
+    stop at Ctrl-C after a step as the pipeline's fit does (when the caller asked for it)."""
+    from keras_lean.pipeline.interrupt import own_loop_interrupt
+
     run, fit = ctx.run, ctx.fit
+    fit.interrupt = own_loop_interrupt(ctx.callbacks, ctx.plan.steps_per_epoch)
 
     def epoch_end(epoch: int, model, method_state: dict) -> None:
         checkpoint.save_checkpoint(

@@ -24,6 +24,20 @@ def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
+def tflite_size_phrase(ratio: float | None, quantization: str | None) -> str | None:
+    """`TFLite 2.00x smaller (gzip) than the baseline's int8 TFLite`: the deployed `.tflite`
+    against the baseline's exported with the same settings (`ratio`: deployed / baseline gzip
+    bytes, deploy's `tflite_gzip_ratio`), in the direction of deploy's own lines ("N x smaller");
+    None without a ratio."""
+    if ratio is None or not ratio > 0:
+        return None
+    kind = {None: "", "none": "float ", "dynamic": "dynamic-range "}.get(
+        quantization, f"{quantization} "
+    )
+    change = f"{1 / ratio:.2f}x smaller" if ratio <= 1 else f"{ratio:.2f}x larger"
+    return f"TFLite {change} (gzip) than the baseline's {kind}TFLite"
+
+
 def text_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[str]],
@@ -120,6 +134,7 @@ class RunReport:
             if d.params:
                 out["sparsity"] = 1 - d.nonzero_params / d.params
             out["tflite_gzip_ratio"] = d.details.get("tflite_gzip_ratio")
+            out["tflite_quantization"] = (d.details.get("export") or {}).get("quantization")
             out["tflite_accuracy"] = d.accuracy
             # Sparsity of the pruned kernels (biases and dense layers excluded), as methods report.
             for name, rep in (d.details.get("methods") or {}).items():
@@ -186,12 +201,14 @@ class RunReport:
                     f"{v['max_accuracy_drop']}): {verdict}"
                 )
         if "sparsity" in summ:
-            ratio = summ.get("tflite_gzip_ratio")
+            size = tflite_size_phrase(
+                summ.get("tflite_gzip_ratio"), summ.get("tflite_quantization")
+            )
             pruned = summ.get("pruned_sparsity") or {}
             out.append(
                 f"deployed: {summ['sparsity']:.1%} of all parameters are zero"
                 + "".join(f"; {n}: {v:.1%} of pruned weights" for n, v in pruned.items())
-                + (f"; TFLite gzip {ratio:.2f}x the baseline's" if ratio is not None else "")
+                + (f"; {size}" if size is not None else "")
             )
         out.append(
             f"total: {summ['duration_s']:.1f} s, {summ['energy_j']:.1f} J, "

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from keras_lean.pipeline.rundir import RunDir
-from keras_lean.pipeline.steps.report import RunReport, fmt, report, text_table
+from keras_lean.pipeline.steps.report import (
+    RunReport,
+    fmt,
+    report,
+    text_table,
+    tflite_size_phrase,
+)
 from keras_lean.pipeline.steps.stage import StageEntry
 
 
@@ -54,6 +60,35 @@ def test_table_has_one_row_per_stage_and_the_totals():
     assert ft.split()[0] == "finetune" and "measured:rapl" in ft
     assert ft.split()[-4:] == ["-"] * 4  # no accuracy, params, nonzero, gzip
     assert "total: 4.0 s, 20.0 J, 0.002 g CO2e" in rep.table()
+
+
+@pytest.mark.parametrize(
+    "ratio, quantization, expected",
+    [
+        (0.5, "none", "TFLite 2.00x smaller (gzip) than the baseline's float TFLite"),
+        (0.11, "int8", "TFLite 9.09x smaller (gzip) than the baseline's int8 TFLite"),
+        (0.25, "dynamic", "TFLite 4.00x smaller (gzip) than the baseline's dynamic-range TFLite"),
+        (1.25, "float16", "TFLite 1.25x larger (gzip) than the baseline's float16 TFLite"),
+        (None, "int8", None),
+    ],
+    ids=["float", "int8", "dynamic", "larger", "no-ratio"],
+)
+def test_tflite_size_phrase_says_what_it_compares(ratio, quantization, expected):
+    assert tflite_size_phrase(ratio, quantization) == expected
+
+
+def test_summary_line_names_the_baseline_export_it_compares_with():
+    deploy = _entry(
+        "deploy",
+        params=100,
+        nonzero_params=20,
+        details={"tflite_gzip_ratio": 0.125, "export": {"quantization": "int8"}},
+    )
+    table = RunReport("r", (deploy,)).table()
+    assert (
+        "deployed: 80.0% of all parameters are zero; TFLite 8.00x smaller (gzip) than the "
+        "baseline's int8 TFLite" in table
+    )
 
 
 def test_method_lines_come_from_the_method_class():
