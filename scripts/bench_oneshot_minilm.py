@@ -25,7 +25,8 @@ output Dense: 36 kernels, 10.6 M weights), selected with `filters=["transformer_
 Embeddings, LayerNorms, biases, the pooler (`pooled_dense`) and the task head (`logits`) stay
 dense; the script checks they are bit-identical to the fine-tuned model's. Calibration: the
 inputs of `--calibration` training sentences (default 128 = 4 batches of 32, drawn per seed;
-`--seq-len` tokens each, padding positions included since `prune_oneshot` has no mask), with
+`--seq-len` tokens each; `prune_oneshot` counts only the real tokens' rows, by the inputs'
+`padding_mask`), with
 every layer seeing the outputs of the layers pruned before it. The sparsity reached is counted
 in the pruned model's kernels: each must hold exactly `round(s * size)` zeros, and at 2:4
 `check_m_by_n` must pass for every block with exactly half of each kernel zero.
@@ -41,12 +42,8 @@ call magnitude 5-9 s, Wanda 35-60 s and SparseGPT 75-115 s (the calibration pass
 and SparseGPT's column-by-column solve in NumPy), plus a few seconds of evaluation each: one
 seed with 50 %, 70 % and 2:4 took 650 s; the default (50 % and 2:4) is about 7 minutes a seed.
 
-Measured (--seeds 3 --sparsities 0.5,0.7; medians, per seed in brackets): dense 96.00 %
-(99.50, 96.00, 89.50). 50 %: magnitude 96.75, Wanda 98.25, SparseGPT 97.00 (Wanda - magnitude
-+1.00 pt, SparseGPT +0.25: target not met). 2:4: magnitude 82.25, Wanda 92.50 (+4.75: not met),
-SparseGPT 94.25 (+12.00: met). 70 %: magnitude 57.00, Wanda 70.25, SparseGPT 97.25. At 50 %
-this encoder loses little even to magnitude (0-7.5 pt), so the 5 pt gap is not there to win;
-the LLM ordering shows at 2:4 and 70 %. 3 seeds took 1320 s.
+Measured figures (with and without the padding mask) are in the issue notes; this script
+prints its own.
 """
 
 from __future__ import annotations
@@ -268,7 +265,8 @@ def report(per_seed, summary, args, total_s) -> None:
         f"\nall-MiniLM-L6-v2, templated sentiment ({args.train} train / {args.val} val, unseen "
         f"adjectives), seq {args.seq_len}; fine-tuned {args.epochs} epochs Adam {args.lr:g}, then "
         f"one-shot, no fine-tuning; calibration {args.calibration} train sentences "
-        f"({args.calibration * args.seq_len} token rows); {n_seeds} seed(s); one val sample = "
+        f"(up to {args.calibration * args.seq_len} token rows, padding left out); {n_seeds} "
+        f"seed(s); one val sample = "
         f"{100 / args.val:.2f} pt"
     )
     print(f"dense: val acc median {100 * statistics.median(dense):.2f} %, loss {dense_loss:.3f} "

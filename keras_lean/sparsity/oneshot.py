@@ -19,7 +19,8 @@ All three support N:M (e.g. 2:4) semi-structured sparsity along the input axis, 
 Inputs are captured by replacing the layer's `call` on the private copy for one forward pass
 (eager), which sees through Sequential, functional, nested and keras-hub models alike. A
 calibration pass for a layer that the model calls once ends as soon as that layer's input is
-seen (the layers after it cannot change it).
+seen (the layers after it cannot change it). Text inputs with a `padding_mask` are calibrated
+on their real tokens only.
 """
 
 from __future__ import annotations
@@ -116,11 +117,15 @@ class _Projection:
             pos = {c: i - len(inp) for i, c in enumerate(inp)}
         self.in_axes = [pos[c] for c in contracted]
 
-    def rows(self, x) -> np.ndarray:
-        """The layer's input as (rows, inputs) float64."""
+    def rows(self, x, keep=None) -> np.ndarray:
+        """The layer's input as (rows, inputs) float64; with `keep` (the batch's padding mask,
+        shape (batch, sequence)), only the rows of real tokens, where the input's leading
+        axes are (batch, sequence)."""
         x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
         axes = [a % x.ndim for a in self.in_axes]
         moved = np.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
+        if keep is not None and moved.shape[: moved.ndim - len(axes)] == keep.shape:
+            return moved[keep].reshape(-1, self.in_size)
         return moved.reshape(-1, self.in_size)
 
     def matrix(self) -> np.ndarray:
@@ -302,8 +307,18 @@ class _Captured(BaseException):  # noqa: N818 - a signal, not an error
     BaseException, so that no `except Exception` in a layer's call swallows it)."""
 
 
-def _forward(model, batches) -> None:
+def _padding_mask(batch):
+    """The batch's token mask (`padding_mask` of a keras-hub input dict) as bool, or None."""
+    if not isinstance(batch, dict) or batch.get("padding_mask") is None:
+        return None
+    mask = np.asarray(keras.ops.convert_to_numpy(batch["padding_mask"])).astype(bool)
+    return mask if mask.ndim == 2 and mask.any() else None
+
+
+def _forward(model, batches, on_batch: Callable[[Any], None] | None = None) -> None:
     for batch in batches:
+        if on_batch is not None:
+            on_batch(batch)
         try:
             model(batch, training=False)
         except _Captured:  # the rest of the model is not needed for this capture
@@ -400,17 +415,20 @@ def _call_order(model, projections, batches) -> list[list[_Projection]]:
 def _gram(model, group: list[_Projection], batches) -> tuple[np.ndarray, int]:
     """XᵀX of the group's (shared) input over all calibration batches, and the row count."""
     proj = group[0]
-    acc = {"h": np.zeros((proj.in_size, proj.in_size)), "rows": 0}
+    acc = {"h": np.zeros((proj.in_size, proj.in_size)), "rows": 0, "keep": None}
+
+    def batch(b):
+        acc["keep"] = _padding_mask(b)
 
     def add(_i, x):
-        rows = proj.rows(x)
+        rows = proj.rows(x, acc["keep"])
         acc["h"] += rows.T @ rows
         acc["rows"] += rows.shape[0]
         if proj.called_once:  # nothing after this layer changes its input: skip the rest
             raise _Captured
 
     with _Hooks([proj.layer], add):
-        _forward(model, batches)
+        _forward(model, batches, batch)
     return acc["h"], acc["rows"]
 
 
@@ -455,7 +473,10 @@ def prune_oneshot(
             projections inside MultiHeadAttention and keras-hub Transformer blocks included).
         calibration_data: model inputs (array, dict of arrays, `(x, y)`, or an iterable of
             batches such as a `tf.data.Dataset`; labels are ignored). Required for wanda and
-            sparsegpt; with magnitude it only fills `relative_error`.
+            sparsegpt; with magnitude it only fills `relative_error`. A dict with a
+            `padding_mask` (keras-hub text inputs) counts only the real tokens' rows in the
+            statistics of every projection whose input is (batch, sequence, ...): padding
+            positions are not calibration data.
         method: "magnitude", "wanda" or "sparsegpt".
         sparsity: fraction of each layer's kernel set to zero (ignored with `sparsity_m_by_n`).
         sparsity_m_by_n: (m, n): m zeros in every n consecutive weights along the input axis,

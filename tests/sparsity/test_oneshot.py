@@ -249,3 +249,48 @@ def test_shared_layer_calibrated_on_every_call():
     np.testing.assert_allclose(
         np.array(pruned.get_layer("shared").kernel), _wanda_by_hand(kernel, both, 0.5), atol=1e-6
     )
+
+
+def _token_model() -> keras.Model:
+    """keras-hub style dict inputs: a Dense on (batch, sequence, features) and one on a pooled
+    (batch, features) vector."""
+    keras.utils.set_random_seed(5)
+    ids = keras.Input((6,), dtype="int32", name="token_ids")
+    mask = keras.Input((6,), dtype="int32", name="padding_mask")
+    x = keras.layers.Embedding(20, 8, name="embed")(ids)
+    x = keras.layers.Dense(8, name="proj")(x)
+    heads = keras.layers.Reshape((6, 2, 4))(x)  # (batch, sequence, heads, head_dim)
+    x = keras.layers.EinsumDense("bsnh,nhd->bsd", (6, 8), name="merge")(heads)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    out = keras.layers.Dense(4, name="head")(pooled)
+    model = keras.Model({"token_ids": ids, "padding_mask": mask}, out)
+    table = model.get_layer("embed").embeddings
+    table.assign(keras.ops.scatter_update(table, [[0]], [[3.0, 0.0] * 4]))  # a loud pad token
+    return model
+
+
+def test_padding_positions_are_not_calibration_data():
+    model = _token_model()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 20, (5, 6)).astype("int32")
+    mask = np.ones((5, 6), "int32")
+    mask[:, 4:] = 0
+    ids[:, 4:] = 0  # padding token: its embedding row is what the real tokens' stats must not see
+    data = {"token_ids": ids, "padding_mask": mask}
+    pruned, report = prune_oneshot(model, data, method="wanda", sparsity=0.5, filters=["proj"])
+    embedded = np.asarray(model.get_layer("embed")(ids))
+    real = embedded[mask.astype(bool)]
+    assert report.calibration_rows == real.shape[0] == 20
+    kernel = np.array(model.get_layer("proj").kernel)
+    np.testing.assert_allclose(
+        np.array(pruned.get_layer("proj").kernel), _wanda_by_hand(kernel, real, 0.5), atol=1e-7
+    )
+    # the padded rows would change the scores here: the test can tell the two apart
+    with_padding = _wanda_by_hand(kernel, embedded.reshape(-1, 8), 0.5)
+    assert not np.array_equal(with_padding == 0, _wanda_by_hand(kernel, real, 0.5) == 0)
+    # two contracted axes (an attention output projection): the same real-token rows
+    _, merge = prune_oneshot(model, data, method="wanda", sparsity=0.5, filters=["merge"])
+    assert merge.calibration_rows == 20
+    # a (batch, features) input cannot be masked by position: every row counts
+    _, head = prune_oneshot(model, data, method="wanda", sparsity=0.5, filters=["head"])
+    assert head.calibration_rows == 5
