@@ -152,14 +152,19 @@ _GROUP_KEYS = ("ranks", "sizes", "scales", "round_to", "min_channels")
 
 class _UnitMasked:
     """A layer holding one group mask in a `masks.ChannelMask` child (`unit_mask`), so its own
-    variables (and its base class's saving of them) stay those of the plain layer."""
+    variables (and its base class's saving of them) stay those of the plain layer. Listed first
+    among the bases, so `super()` here is the Keras layer."""
 
-    def _init_unit_mask(self, ranks, sizes, scales, pruning_schedule, round_to, min_channels):
+    def __init__(
+        self, ranks, sizes, scales, pruning_schedule, round_to=1, min_channels=1, **kwargs
+    ):
+        super().__init__(**kwargs)
         self.unit_mask = ChannelMask(
             ranks, sizes, scales, pruning_schedule, round_to, min_channels, name="unit_mask"
         )
 
-    def _build_unit_mask(self):
+    def build(self, input_shape):
+        super().build(input_shape)
         self.unit_mask.build((None, len(self.unit_mask.ranks)))
 
     def _mask(self, training, dtype):
@@ -184,16 +189,6 @@ class HeadMaskedProjection(_UnitMasked, keras.layers.EinsumDense):
         **kwargs: `EinsumDense` arguments.
     """
 
-    def __init__(
-        self, ranks, sizes, scales, pruning_schedule, round_to=1, min_channels=1, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self._init_unit_mask(ranks, sizes, scales, pruning_schedule, round_to, min_channels)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_unit_mask()
-
     def call(self, inputs, training=None):
         mask = ops.reshape(self._mask(training, inputs.dtype), (-1, 1))
         return super().call(inputs * mask, training=training)
@@ -208,16 +203,6 @@ class UnitMaskedDense(_UnitMasked, keras.layers.Dense):
             `masks.ChannelMask`, one entry per unit.
         **kwargs: `Dense` arguments.
     """
-
-    def __init__(
-        self, ranks, sizes, scales, pruning_schedule, round_to=1, min_channels=1, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self._init_unit_mask(ranks, sizes, scales, pruning_schedule, round_to, min_channels)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_unit_mask()
 
     def call(self, inputs, training=None):
         outputs = super().call(inputs, training=training)
