@@ -13,7 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["default_mode", "give_default_modes", "temp_dir_beside", "temp_file_beside", "umask"]
+__all__ = [
+    "atomic_write_bytes",
+    "default_mode",
+    "give_default_modes",
+    "temp_dir_beside",
+    "temp_file_beside",
+    "umask",
+]
 
 
 def umask() -> int:
@@ -41,6 +48,31 @@ def temp_file_beside(path: Path, suffix: str = "") -> Path:
     os.close(fd)
     os.chmod(tmp, default_mode())
     return Path(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    Args:
+        path: destination file.
+        data: the bytes to write.
+
+    Returns:
+        The destination as a `Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def temp_dir_beside(path: Path, suffix: str = ".tmp") -> Path:

@@ -103,6 +103,26 @@ def model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def tokenized_task(n_train: int, n_val: int, seed: int, seq_len: int):
+    """`make_task`'s sentences through MiniLM's own tokenizer (`BertTextClassifierPreprocessor`,
+    `seq_len` tokens): `(((x_train, y_train), (x_val, y_val)), train_texts)`, each x a dict of
+    arrays (`token_ids`, `segment_ids`, `padding_mask`)."""
+    import keras_hub
+
+    (train_texts, y_train), (val_texts, y_val) = make_task(n_train, n_val, seed)
+    tokenizer = keras_hub.models.BertTokenizer(
+        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
+    )
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=seq_len
+    )
+
+    def tokenize(texts):
+        return {k: np.asarray(v) for k, v in preprocessor(texts).items()}
+
+    return ((tokenize(train_texts), y_train), (tokenize(val_texts), y_val)), train_texts
+
+
 class StepTimer(keras.callbacks.Callback):
     """Wall time of every train step (batch begin to batch end)."""
 
@@ -283,17 +303,8 @@ def main() -> None:
 
     directory = model_dir()
     keras.utils.set_random_seed(args.seed)
-    (train_texts, y_train), (val_texts, y_val) = make_task(args.train, args.val, args.seed)
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=str(directory / "vocab.txt"),
-                                               lowercase=True)  # fmt: skip
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-        tokenizer, sequence_length=args.seq_len
-    )
-
-    def tokenize(texts):
-        return {k: np.asarray(v) for k, v in preprocessor(texts).items()}
-
-    data = ((tokenize(train_texts), y_train), (tokenize(val_texts), y_val))
+    data, train_texts = tokenized_task(args.train, args.val, args.seed, args.seq_len)
+    y_train, y_val = data[0][1], data[1][1]
     print(f"task: {args.train} train / {args.val} val sentences, e.g. {train_texts[0]!r} -> "
           f"{int(y_train[0])}; positives {y_train.mean():.2f}")  # fmt: skip
 

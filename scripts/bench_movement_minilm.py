@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_lora_minilm import evaluate, make_task, model_dir, shuffled  # noqa: E402
+from bench_lora_minilm import evaluate, model_dir, shuffled, tokenized_task  # noqa: E402
 from bench_movement_lottery import _schedule  # noqa: E402
 
 
@@ -142,20 +142,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    import keras_hub
-
-    (train_texts, y_train), (val_texts, y_val) = make_task(args.train, args.val, args.seed)
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
-    )
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-        tokenizer, sequence_length=args.seq_len
-    )
-
-    def tokenize(texts):
-        return {k: np.asarray(v) for k, v in preprocessor(texts).items()}
-
-    data = ((tokenize(train_texts), y_train), (tokenize(val_texts), y_val))
+    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len)
     targets = [float(t) for t in args.sparsities.split(",")]
     only: dict[str, list[float]] = {}  # "movement@0.9/0.97": that criterion at those targets
     for entry in args.criteria.split(","):

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_lora_minilm import make_task, model_dir, shuffled  # noqa: E402
+from bench_lora_minilm import shuffled, tokenized_task  # noqa: E402
 from bench_movement_minilm import classifier  # noqa: E402
 
 BLOCKS = "transformer_layer_"
@@ -311,21 +311,8 @@ def report(per_seed, summary, args, total_s) -> None:
 
 def main() -> None:
     args = _parse()
-    import keras_hub
-
     start = time.perf_counter()
-    (train_texts, y_train), (val_texts, y_val) = make_task(args.train, args.val, args.seed)
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
-    )
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-        tokenizer, sequence_length=args.seq_len
-    )
-
-    def tokenize(texts):
-        return {k: np.asarray(v) for k, v in preprocessor(texts).items()}
-
-    data = ((tokenize(train_texts), y_train), (tokenize(val_texts), y_val))
+    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len)
     per_seed = [run_seed(args.seed + i, data, args) for i in range(args.seeds)]
     summary = summarize(per_seed, args)
     report(per_seed, summary, args, time.perf_counter() - start)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_lean._choices import QUANTIZATIONS, SPARSE_QUANTIZATIONS
-from keras_lean._files import temp_file_beside
+from keras_lean._files import atomic_write_bytes, temp_file_beside
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -122,7 +122,7 @@ def strip_tflite_names(path: str | os.PathLike, out_path: str | os.PathLike | No
     Args:
         path: a `.tflite` file.
         out_path: destination (default: `path`, replaced); written through a temporary name and
-            a rename.
+            a rename (`_files.atomic_write_bytes`).
 
     Returns:
         The destination path.
@@ -152,16 +152,7 @@ def strip_tflite_names(path: str | os.PathLike, out_path: str | os.PathLike | No
         graph.name = None
         for tensor in graph.tensors:
             tensor.name = None
-    data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_beside(out, ".tflite")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_write_bytes(out, bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 
 def make_interpreter(path: str | os.PathLike) -> Any:

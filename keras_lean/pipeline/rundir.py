@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keras_lean._files import temp_dir_beside, temp_file_beside
+from keras_lean._files import atomic_write_bytes, temp_dir_beside, temp_file_beside
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -60,31 +60,6 @@ class MissingStepError(FileNotFoundError):
 def _tmp_name(path: Path, suffix: str = "") -> Path:
     # With the umask's mode (not mkstemp's 0600): the rename keeps it, and run folders are shared.
     return temp_file_beside(path, suffix)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename.
-
-    Args:
-        path: destination file.
-        data: the bytes to write.
-
-    Returns:
-        The destination as a `Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

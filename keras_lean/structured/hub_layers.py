@@ -259,8 +259,9 @@ class _MaskedBlockMixin(MaskedBlock):
                 new.build((None, None) + tuple(int(d) for d in old.kernel.shape[:2]))
             replace_sublayer(mha, MHA_OUTPUT_ATTR, new)
 
-    def _masks_config(self) -> dict:
+    def get_config(self):  # the mixin comes first among the bases: `super()` is the block
         return {
+            **super().get_config(),
             "head_mask": None if self.head_mask is None else dict(self.head_mask),
             "inner_mask": None if self.inner_mask is None else dict(self.inner_mask),
             "pruning_schedule": keras.saving.serialize_keras_object(self.pruning_schedule),
@@ -319,9 +320,6 @@ class MaskedTransformerEncoder(_MaskedBlockMixin, PrunedTransformerEncoder):
         super().build(inputs_shape)
         self._swap_in_masks()
 
-    def get_config(self):
-        return {**super().get_config(), **self._masks_config()}
-
 
 @keras.saving.register_keras_serializable(package="keras_lean")
 class MaskedTransformerDecoder(_MaskedBlockMixin, PrunedTransformerDecoder):
@@ -347,9 +345,6 @@ class MaskedTransformerDecoder(_MaskedBlockMixin, PrunedTransformerDecoder):
     def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
         super().build(decoder_sequence_shape, encoder_sequence_shape)
         self._swap_in_masks()
-
-    def get_config(self):
-        return {**super().get_config(), **self._masks_config()}
 
 
 def masked_block(layer: Any, head_mask: dict | None, inner_mask: dict | None, schedule: Any):
