@@ -44,13 +44,14 @@ class StageGate:
     Attributes:
         metric: `accuracy` (the change is the drop, `baseline - value`, absolute) or
             `perplexity` (the change is the relative rise, `(value - baseline) / baseline`).
-        evaluate: `evaluate(model) -> float`, the metric on the validation data.
+        evaluate: `evaluate(model) -> float`, the metric on the validation data (None where
+            the values come already measured: the validate step, the sweep's points).
         baseline: the baseline model's value of the metric.
         budget: the largest change a kept stage may show (the recipe's `max_metric_drop`).
     """
 
     metric: str
-    evaluate: Callable[[Any], float]
+    evaluate: Callable[[Any], float] | None
     baseline: float
     budget: float
 
@@ -80,6 +81,12 @@ class StageGate:
         if self.metric == "accuracy":
             return self.baseline - value
         return (value - self.baseline) / self.baseline
+
+    def within(self, value: float) -> bool:
+        """Whether `value` passes: its `change` is at most `budget` (with a 1e-9 tolerance, so
+        a change equal to the budget in exact arithmetic passes). The one verdict the guard's
+        stages, the validate step and the sweep's points share."""
+        return self.change(value) <= self.budget + _EPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +226,7 @@ def run_stages(
             stripped = staged.finalize(wrapped)
         measured = (staged.report().get("final") or {}).get("sparsity")
         change = judge.change(value)
-        within = change <= judge.budget + _EPS
+        within = judge.within(value)
         record = getattr(window, "record", None)
         by_gate = (
             {}

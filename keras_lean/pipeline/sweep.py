@@ -637,15 +637,15 @@ def judge_point(point: SweepPoint) -> bool | None:
     (accuracy drop, or relative perplexity rise: `guard.StageGate.change`, as the validate step
     and the guard compute it) within the recipe's budget for that metric. None without the
     figures."""
-    from keras_lean.pipeline.guard import _EPS, StageGate
+    from keras_lean.pipeline.guard import StageGate
 
     base = point.baseline_perplexity if point.metric == "perplexity" else point.baseline_accuracy
     if point.value is None or base is None or point.budget is None:
         return None
     if point.metric == "perplexity" and not base > 0:
         return None
-    gate = StageGate(point.metric, lambda model: point.value, base, point.budget)
-    return gate.change(point.value) <= gate.budget + _EPS
+    gate = StageGate(point.metric, None, base, point.budget)
+    return gate.within(point.value)
 
 
 #: Sparsities this close to the highest passing one count as equal for the sweet spot: two

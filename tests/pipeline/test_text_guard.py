@@ -91,6 +91,21 @@ def test_stage_gate_measures_the_change_the_validate_gate_uses(metric, baseline,
 
 
 @pytest.mark.parametrize(
+    ("metric", "baseline", "at_budget", "over"),
+    [("accuracy", 0.9, 0.8, 0.7999), ("perplexity", 20.0, 22.0, 22.001)],
+    ids=["accuracy", "perplexity"],
+)
+def test_stage_gate_within_passes_a_change_equal_to_the_budget(metric, baseline, at_budget, over):
+    # The one verdict of guard stages, the validate step and sweep points: a change equal to the
+    # budget (0.9 - 0.8 is 0.09999999999999998 or 0.1 depending on rounding) passes, above fails.
+    gate = StageGate(metric, None, baseline, 0.1)
+    assert gate.within(at_budget)
+    assert not gate.within(over)
+    better = 0.95 if metric == "accuracy" else 19.0
+    assert gate.within(better)
+
+
+@pytest.mark.parametrize(
     ("metric", "baseline", "match"),
     [
         ("loss", 1.0, r"metric must be 'accuracy' or 'perplexity'\. Received: metric='loss'"),

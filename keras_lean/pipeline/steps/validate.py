@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from keras_lean.pipeline.data import check_data_against_model
+from keras_lean.pipeline.guard import StageGate
 from keras_lean.pipeline.models import load_model
 from keras_lean.pipeline.recipe import load_recipe
 from keras_lean.pipeline.rundir import RunDir, atomic_write_json
@@ -59,7 +60,10 @@ def validate(
         ft_acc = evaluate(finetuned, ds)
         drop = base_acc - ft_acc
         gate = _perplexity_gate(manifest, rec, baseline, finetuned, ds)
-        passed = gate["passed"] if gate else drop <= rec.max_accuracy_drop + 1e-9
+        if gate:
+            passed = gate["passed"]
+        else:
+            passed = StageGate("accuracy", None, base_acc, rec.max_accuracy_drop).within(ft_acc)
         fwd = forward_flops(baseline)
         stage.flops = None if fwd is None else 2 * fwd * len(ds.x_val)
         result = {
@@ -96,11 +100,12 @@ def _perplexity_gate(manifest: dict, rec, baseline, finetuned, ds) -> dict | Non
     logits = bool(manifest.get("from_logits", True))
     base = _text.lm_perplexity(baseline, ds, from_logits=logits)
     tuned = _text.lm_perplexity(finetuned, ds, from_logits=logits)
-    rise = (tuned - base) / base
+    gate = StageGate("perplexity", None, base, rec.max_perplexity_rise)
+    rise = gate.change(tuned)
     return {
         "baseline_perplexity": base,
         "finetuned_perplexity": tuned,
         "perplexity_rise": rise,
         "max_perplexity_rise": rec.max_perplexity_rise,
-        "passed": rise <= rec.max_perplexity_rise + 1e-9,
+        "passed": gate.within(tuned),
     }
