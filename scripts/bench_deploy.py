@@ -25,7 +25,13 @@ On the pipeline's digits CNN (`keras_lean.pipeline.models.build_model("cnn")`, d
    the Keras-native int8 `.keras` (`Model.quantize`) of the same model.
 4. Distillation sweep (`--sweep RATIO:EPOCHS,...`, default 70 %/2, 80 %/2, 90 %/3: settings
    where labels alone lose accuracy; `--sweep-distill ALPHA:T,...`, default 0.5:1 and 0.5:4):
-   labels alone vs distilled, same start, epochs and learning rate, per seed.
+   labels alone vs distilled, same start, epochs and learning rate, per seed. With
+   `--sweep-transfer 'none;mixup=0.4;noise=0.1;shift=1'` each transfer set
+   (`keras_lean.distill_transfer.TransferConfig`) adds two arms on the same perturbed batches:
+   labels alone on them (what the augmentation alone gives) and distilled on them (the teacher
+   run on the perturbed batch); shares are of the loss of labels alone on clean inputs.
+   `--distill-only` runs just the baselines and this sweep (about 1.5 minutes a seed for the
+   three default settings and three transfer sets x two distillation settings).
 
 Timings are medians of `--runs` calls after a warm-up, on a shared machine: read them as rough.
 
@@ -50,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_lean.distill import DistillConfig, distill_fit  # noqa: E402
+from keras_lean.distill import DistillConfig, TransferConfig, TransferData, distill_fit  # noqa: E402
 from keras_lean.export import (  # noqa: E402
     TFLiteRunner,
     compare_outputs,
@@ -171,8 +177,23 @@ def _labels_only(base, d, seed, ratio, epochs, lr) -> keras.Model:
     return plain
 
 
+def _labels_augmented(base, d, seed, ratio, epochs, lr, transfer) -> keras.Model:
+    """`_labels_only` on the transfer set's perturbed batches (the same as `_distilled` sees
+    with `transfer`): what the augmentation alone gives, without the teacher."""
+    pruned = prune_structured(base, ratio, "l1")
+    keras.utils.set_random_seed(seed)
+    plain = _compile(keras.models.clone_model(pruned), lr)
+    plain.set_weights(pruned.get_weights())
+    data = TransferData(
+        d.x_train, d.y_train, config=transfer, batch_size=32, epochs=epochs, seed=seed
+    )
+    plain.fit(data, epochs=epochs, steps_per_epoch=data.steps_per_epoch, shuffle=False, verbose=0)
+    return plain
+
+
 def _distilled(base, d, seed, ratio, epochs, lr, cfg) -> keras.Model:
-    """The same start and schedule as `_labels_only`, distilled from `base` (the baseline)."""
+    """The same start and schedule as `_labels_only`, distilled from `base` (the baseline); with
+    `cfg.transfer`, on the same perturbed batches as `_labels_augmented`."""
     student = prune_structured(base, ratio, "l1")
     keras.utils.set_random_seed(seed)
     distill_fit(
@@ -185,23 +206,40 @@ def _distilled(base, d, seed, ratio, epochs, lr, cfg) -> keras.Model:
         epochs=epochs,
         batch_size=32,
         verbose=0,
+        transfer_seed=seed,
     )
     return student
 
 
+def _transfer_name(t: TransferConfig | None) -> str:
+    if t is None or not t.enabled:
+        return "none"
+    return ",".join(f"{k}={getattr(t, k):g}" for k in ("shift", "noise", "mixup") if getattr(t, k))
+
+
 def distill_sweep(base, d, seed, args) -> list[tuple]:
     """Labels alone vs distilled at settings where labels alone lose accuracy (short fine-tunes,
-    high ratios): (ratio, epochs, alpha, T, one-shot, labels, distilled) accuracies."""
+    high ratios), for each transfer set (`none`: the clean training inputs): rows of (ratio,
+    epochs, transfer, alpha, T, one-shot, labels alone, labels alone on the transfer set,
+    distilled) accuracies."""
     rows = []
     for ratio, epochs in args.sweep:
         one_shot = _accuracy(prune_structured(base, ratio, "l1"), d.x_val, d.y_val)
-        plain = _labels_only(base, d, seed, ratio, epochs, args.structured_lr)
-        for alpha, temperature in args.sweep_distill:
-            cfg = DistillConfig(alpha=alpha, temperature=temperature)
-            student = _distilled(base, d, seed, ratio, epochs, args.structured_lr, cfg)
-            rows.append((ratio, epochs, alpha, temperature, one_shot,
-                         _accuracy(plain, d.x_val, d.y_val),
-                         _accuracy(student, d.x_val, d.y_val)))  # fmt: skip
+        plain = _accuracy(_labels_only(base, d, seed, ratio, epochs, args.structured_lr),
+                          d.x_val, d.y_val)  # fmt: skip
+        for transfer in args.sweep_transfer:
+            aug = plain
+            if transfer is not None:
+                aug_model = _labels_augmented(
+                    base, d, seed, ratio, epochs, args.structured_lr, transfer
+                )
+                aug = _accuracy(aug_model, d.x_val, d.y_val)
+            for alpha, temperature in args.sweep_distill:
+                cfg = DistillConfig(alpha=alpha, temperature=temperature, transfer=transfer)
+                student = _distilled(base, d, seed, ratio, epochs, args.structured_lr, cfg)
+                acc = _accuracy(student, d.x_val, d.y_val)
+                rows.append((ratio, epochs, _transfer_name(transfer), alpha, temperature,
+                             one_shot, plain, aug, acc))  # fmt: skip
     return rows
 
 
@@ -340,22 +378,38 @@ def report(seed: int, b: dict, m: dict, s: dict, args) -> dict:
         f"({kq.size_ratio:.2f}x), accuracy {kq.accuracy:.4f} vs {kq.float_accuracy:.4f}, "
         f"layers {', '.join(kq.quantized_layers)}"
     )
+    return {
+        "recovered": recovered,
+        "gain_pt": gain,
+        "lost_pt": 100 * lost[1],
+        "sweep": report_sweep(b, s["sweep"]),
+    }
+
+
+def report_sweep(b: dict, rows: list[tuple]) -> list[tuple]:
+    """Prints the sweep rows; returns (ratio, epochs, transfer, alpha, T, lost, aug gain,
+    distilled gain, share recovered, share recovered by the augmentation alone) per row."""
     sweep = []
-    for ratio, epochs, alpha, temperature, one_shot, plain, distilled in s["sweep"]:
+    for ratio, epochs, transfer, alpha, temperature, one_shot, plain, aug, distilled in rows:
         lost_pt, gain_pt = 100 * (b["acc"] - plain), 100 * (distilled - plain)
+        aug_pt = 100 * (aug - plain)
         share = gain_pt / lost_pt if lost_pt > 0 else float("nan")
-        sweep.append((ratio, epochs, alpha, temperature, lost_pt, gain_pt, share))
+        aug_share = aug_pt / lost_pt if lost_pt > 0 else float("nan")
+        sweep.append((ratio, epochs, transfer, alpha, temperature, lost_pt, aug_pt, gain_pt,
+                      share, aug_share))  # fmt: skip
         print(
-            f"   sweep: structured {ratio:.0%}, {epochs} epochs (one-shot {one_shot:.4f}): labels "
-            f"{0.0 - lost_pt:+.2f} pt, distilled (alpha {alpha:g}, T {temperature:g}) "
+            f"   sweep: structured {ratio:.0%}, {epochs} epochs (one-shot {one_shot:.4f}), "
+            f"transfer {transfer}: labels {0.0 - lost_pt:+.2f} pt, labels on the transfer set "
+            f"{100 * (aug - b['acc']):+.2f} pt, distilled (alpha {alpha:g}, T {temperature:g}) "
             f"{100 * (distilled - b['acc']):+.2f} pt: "
             + (
-                f"recovered {share:.0%} (target >= 50 %: {_ok(share >= 0.5 - 1e-9)})"
+                f"recovered {share:.0%} (augmentation alone {aug_share:.0%}; target >= 50 %: "
+                f"{_ok(share >= 0.5 - 1e-9)})"
                 if lost_pt > 0
                 else "labels alone lost nothing"
             )
         )
-    return {"recovered": recovered, "gain_pt": gain, "lost_pt": 100 * lost[1], "sweep": sweep}
+    return sweep
 
 
 def minilm(args, out) -> None:
@@ -438,6 +492,26 @@ def _pairs(first, second):
     return parse
 
 
+def _transfers(text: str) -> list[TransferConfig | None]:
+    """argparse type: 'none;shift=1;noise=0.1,mixup=0.4' -> [None, TransferConfig(...), ...]."""
+    out: list[TransferConfig | None] = []
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        if item == "none":
+            out.append(None)
+            continue
+        kwargs = {}
+        for kv in item.split(","):
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"expected KEY=VALUE. Received: {kv!r}")
+            kwargs[key.strip()] = int(value) if key.strip() == "shift" else float(value)
+        try:
+            out.append(TransferConfig.from_dict(kwargs))
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, fewer epochs and runs")
@@ -463,6 +537,17 @@ def main() -> None:
         default=[(0.5, 1.0), (0.5, 4.0)],
         help="ALPHA:T,... distillation settings of the sweep",
     )
+    parser.add_argument(
+        "--sweep-transfer",
+        type=_transfers,
+        default=[None],
+        help="transfer sets of the sweep, ';'-separated, each 'none' or KEY=VALUE,... of "
+        "keras_lean.distill_transfer.TransferConfig (e.g. 'none;shift=1;noise=0.1;mixup=0.4'); "
+        "each also trains labels alone on the same perturbed batches",
+    )
+    parser.add_argument(
+        "--distill-only", action="store_true", help="only the baseline and the distillation sweep"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="distillation weight")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=50, help="timed calls per latency")
@@ -483,6 +568,11 @@ def main() -> None:
             minilm(args, Path(tmp))
         return
     d = load_data("digits")
+    if args.distill_only:
+        print(f"digits: {len(d.x_train)} train / {len(d.x_val)} val samples; baseline "
+              f"{args.epochs} epochs; seeds {args.seeds}; distillation sweep only")  # fmt: skip
+        distill_only(args, d)
+        return
     print(
         f"digits: {len(d.x_train)} train / {len(d.x_val)} val samples; baseline {args.epochs} "
         f"epochs, fine-tune {args.finetune_epochs} epochs; seeds {args.seeds}"
@@ -506,17 +596,46 @@ def main() -> None:
     if len(rows) > 1:
         gains = [r["gain_pt"] for r in rows]
         print(f"median distillation gain {statistics.median(gains):+.2f} pt")
-    for i, (ratio, epochs, alpha, temperature, *_) in enumerate(rows[0]["sweep"] if rows else []):
-        shares = [r["sweep"][i][6] for r in rows]
+    summarize_sweep([r["sweep"] for r in rows], args.seeds)
+
+
+def _shares(values) -> str:
+    return ", ".join("n/a" if v != v else f"{v:.0%}" for v in values)
+
+
+def summarize_sweep(per_seed: list[list[tuple]], seeds: list[int]) -> None:
+    """One line per sweep setting: per-seed losses, gains and shares recovered."""
+    for i, (ratio, epochs, transfer, alpha, temperature, *_) in enumerate(
+        per_seed[0] if per_seed else []
+    ):
+        rows = [sweep[i] for sweep in per_seed]
         print(
-            f"sweep {ratio:.0%} / {epochs} epochs / alpha {alpha:g} T {temperature:g}: labels "
-            + ", ".join(f"{0.0 - r['sweep'][i][4]:+.2f}" for r in rows)
-            + " pt; distillation vs labels "
-            + ", ".join(f"{r['sweep'][i][5]:+.2f}" for r in rows)
+            f"sweep {ratio:.0%} / {epochs} epochs / transfer {transfer} / alpha {alpha:g} T "
+            f"{temperature:g}: labels "
+            + ", ".join(f"{0.0 - r[5]:+.2f}" for r in rows)
+            + " pt; labels on the transfer set vs labels "
+            + ", ".join(f"{r[6]:+.2f}" for r in rows)
+            + " pt; distilled vs labels "
+            + ", ".join(f"{r[7]:+.2f}" for r in rows)
             + " pt; share recovered "
-            + ", ".join("n/a" if s != s else f"{s:.0%}" for s in shares)
-            + f" (seeds {args.seeds})"
+            + _shares(r[8] for r in rows)
+            + " (augmentation alone "
+            + _shares(r[9] for r in rows)
+            + f") (seeds {seeds})"
         )
+
+
+def distill_only(args, d) -> None:
+    """`--distill-only`: per seed, the baseline and the distillation sweep, nothing else."""
+    per_seed = []
+    for seed in args.seeds:
+        keras.utils.set_random_seed(seed)
+        base = _compile(build_model("cnn", d.x_train.shape[1:], d.num_classes), 1e-3)
+        base.fit(d.x_train, d.y_train, batch_size=32, epochs=args.epochs, verbose=0)
+        b = {"acc": _accuracy(base, d.x_val, d.y_val)}
+        print(f"\n== seed {seed}: baseline accuracy {b['acc']:.4f}")
+        per_seed.append(report_sweep(b, distill_sweep(base, d, seed, args)))
+    summarize_sweep(per_seed, args.seeds)
 
 
 if __name__ == "__main__":

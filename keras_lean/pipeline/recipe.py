@@ -38,6 +38,7 @@ from keras_lean.pipeline.options import (
     List,
     Nested,
     OneOf,
+    Optional,
     RecipeError,
     Section,
     Str,
@@ -245,6 +246,42 @@ def _check_teacher(value: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillTransferOptions(Section):
+    """The distillation's transfer set (`distill.transfer`): perturbed copies of the training
+    inputs, drawn anew each step; the student learns the teacher's outputs on them (the teacher
+    runs on the same perturbed batch). The fields are `keras_lean.distill.TransferConfig`'s,
+    documented there; all off by default.
+    """
+
+    root: ClassVar[str | None] = "distill.transfer"
+
+    shift: int = option(0, Int(min=0), "images: random shift of up to N pixels, zero-filled")
+    noise: float = option(0.0, Float(min=0), "float inputs: std of added Gaussian noise")
+    mixup: float = option(0.0, Float(min=0), "float inputs: Beta(a, a) mixup within the batch")
+    token_mask: float = option(
+        0.0, Float(min=0, lt=1), "token inputs: share of real tokens set to mask_token_id"
+    )
+    mask_token_id: int | None = option(
+        None, Optional(Int(min=0)), "the tokenizer's mask (or pad) id; needed with token_mask"
+    )
+    keep_token_ids: tuple[int, ...] = option(
+        (), List(Int(min=0), scalar=int), "token ids never masked (e.g. [CLS], [SEP])"
+    )
+
+    def check(self) -> None:
+        if self.token_mask > 0 and self.mask_token_id is None:
+            raise RecipeError(
+                "mask_token_id",
+                f"is needed with token_mask {self.token_mask} (the tokenizer's mask or pad id). "
+                "Received: null",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shift or self.noise or self.mixup or self.token_mask)
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillOptions(Section):
     """Knowledge distillation during fine-tuning (`distill`).
 
@@ -261,6 +298,7 @@ class DistillOptions(Section):
         temperature: softmax temperature (> 0); 1 by default: with a teacher that is ~100 %
             right on its training split, higher values mostly pass its fit noise (measured in
             `keras_lean.distill`).
+        transfer: see `DistillTransferOptions` (off by default).
     """
 
     root: ClassVar[str | None] = "distill"
@@ -275,6 +313,19 @@ class DistillOptions(Section):
     temperature: float = option(
         1.0, Float(gt=0), "softmax temperature of both models (1: see keras_lean.distill)"
     )
+    transfer: DistillTransferOptions = option(
+        kind=Nested(DistillTransferOptions),
+        comment="transfer set: perturbed training inputs (off by default)",
+        default_factory=DistillTransferOptions,
+    )
+
+    def check(self) -> None:
+        if self.transfer.enabled and self.teacher == "none":
+            raise RecipeError(
+                "transfer",
+                "perturbs the inputs of a distillation, and distill.teacher is none. Set "
+                "distill.teacher (e.g. baseline) or remove distill.transfer.",
+            )
 
     @property
     def enabled(self) -> bool:

@@ -199,3 +199,28 @@ def test_distillation_reaches_every_fit(trained_run, tmp_path, body):
     assert entry["accuracy"] > 0.3 and entry["energy_j"] > 0
     if "guard" in body:
         assert len(entry["details"]["guard"]["stages"]) >= 1
+
+
+def test_recipe_transfer_set_reaches_the_fit(trained_run, tmp_path, monkeypatch):
+    """`distill.transfer` feeds every distilled fit perturbed batches (the teacher's inputs
+    too, since the Distiller runs it on the batch it gets); `details.distill` records it."""
+    from keras_lean import distill as distill_mod
+
+    fed = []
+    original = distill_mod.TransferData.__getitem__
+    monkeypatch.setattr(
+        distill_mod.TransferData,
+        "__getitem__",
+        lambda self, i: fed.append(i) or original(self, i),
+    )
+    run = RunDir(trained_run)
+    body = (
+        "methods: [lowrank]\nlowrank: {rank: 8}\nfinetune: {epochs: 1, jit_compile: off}\n"
+        "distill: {teacher: baseline, transfer: {noise: 0.05, mixup: 0.2}}\n"
+    )
+    configure(run, recipe=_recipe(tmp_path, body), force=True)
+    assert load_recipe(run.recipe).distill.transfer.noise == 0.05
+    entry = finetune(run, verbose=0).entry
+    transfer = entry["details"]["distill"]["transfer"]
+    assert transfer["noise"] == 0.05 and transfer["mixup"] == 0.2 and transfer["shift"] == 0
+    assert fed and entry["accuracy"] > 0.3

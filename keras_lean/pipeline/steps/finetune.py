@@ -187,13 +187,18 @@ class PipelineFit:
             initial_epoch=initial_epoch,
             epochs=epochs,
         )
+        callbacks = [data.callback(), *callbacks]
+        if target is not m:  # distilled: perturbed batches when the recipe has a transfer set
+            data = self.teacher.transfer_data(
+                data, seed=self.seed, first_step=initial_epoch * data.steps_per_epoch
+            )
         return target.fit(
             data,
             steps_per_epoch=data.steps_per_epoch,
             shuffle=False,
             epochs=epochs,
             validation_data=(ds.x_val, ds.y_val),
-            callbacks=[data.callback(), *callbacks],
+            callbacks=callbacks,
             initial_epoch=initial_epoch,
             verbose=self.verbose,
         )
@@ -418,14 +423,20 @@ def _teacher(ctx: FinetuneContext):
     opts = ctx.recipe.distill
     if not opts.enabled:
         return None
-    from keras_lean.distill import DistillConfig, Teacher
+    from keras_lean.distill import DistillConfig, Teacher, TransferConfig
 
     path = ctx.run.baseline if opts.teacher == "baseline" else opts.teacher
     with ctx.strategy.scope():
         model = load_model(path)
     return Teacher(
         model=model,
-        config=DistillConfig(alpha=opts.alpha, temperature=opts.temperature),
+        config=DistillConfig(
+            alpha=opts.alpha,
+            temperature=opts.temperature,
+            transfer=TransferConfig.from_dict(opts.transfer.to_dict())
+            if opts.transfer.enabled
+            else None,
+        ),
         from_logits=bool(getattr(ctx.loss, "from_logits", False)),
         source=opts.teacher,
     )
