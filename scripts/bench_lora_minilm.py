@@ -5,6 +5,11 @@ files, loaded by keras-hub's `BertBackbone.from_preset(<package dir>/model)`), i
 `BertTextClassifier`. The task is built here, offline: binary sentiment of templated review
 sentences ("the hotel was not dreadful." is positive). Validation sentences use adjectives never
 seen in training, so the model must lean on what it learned in pre-training.
+`--task docstrings` swaps in a harder real-text task (`minilm_tasks.py`: which of 10
+standard-library families a docstring's first sentence comes from; dense MiniLM is far from
+100 % on it, so pruning has room to lose); the templated task stays the default (`--task
+sentiment`) so earlier figures reproduce. `tokenized_task(..., task=)` is shared by the MiniLM
+benchmarks (bench_oneshot_minilm, bench_movement_minilm).
 
 Configurations, trained with the same data, batch size, epochs and seed:
   full        every weight trainable (Adam, lr 5e-5)
@@ -21,6 +26,9 @@ Configurations, trained with the same data, batch size, epochs and seed:
               (the teacher; --distill-alpha, --distill-temperature); its energy per step
               includes the teacher's forward pass. Prints per seed the share of the accuracy
               lost by labels alone that distillation recovers (target: at least half).
+  structured+lora+kd-mask  (--distill --distill-token-mask RATE) the same, distilled on a
+              transfer set: each batch with RATE of its real tokens replaced by [MASK]
+              ([CLS]/[SEP]/padding kept), the teacher run on that same masked batch.
 
 Targets checked at the end: LoRA (trainable <= 2 %, time and energy per step <= 0.7x full,
 accuracy within 1 pt) and structured+LoRA (energy per step <= 0.37x full, accuracy within 1 pt).
@@ -42,11 +50,14 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # minilm_tasks beside this script
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,6 +80,17 @@ TEMPLATES = [
     ("i would not call this {noun} {adj}.", True),
     ("nobody found the {noun} {adj}.", True),
 ]
+
+
+TASK_NAMES = {
+    "sentiment": "templated sentiment ({train} train / {val} val, unseen adjectives)",
+    "docstrings": "stdlib docstring families ({train} train / {val} val sentences, 10 classes)",
+}
+
+
+def task_title(task: str, n_train: int, n_val: int) -> str:
+    """One line naming the task for the benchmarks' summaries."""
+    return TASK_NAMES[task].format(train=n_train, val=n_val)
 
 
 def make_task(n_train: int, n_val: int, seed: int):
@@ -103,13 +125,39 @@ def model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def tokenized_task(n_train: int, n_val: int, seed: int, seq_len: int):
-    """`make_task`'s sentences through MiniLM's own tokenizer (`BertTextClassifierPreprocessor`,
+TASKS = ("sentiment", "docstrings")
+
+
+def task_classes(task: str) -> int:
+    """Classes of `task`: 2 for the templated sentiment, one per stdlib family for docstrings."""
+    if task == "sentiment":
+        return 2
+    if task == "docstrings":
+        from minilm_tasks import LABELS
+
+        return len(LABELS)
+    raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+
+
+def task_texts(n_train: int, n_val: int, seed: int, task: str = "sentiment"):
+    """`((train_texts, y_train), (val_texts, y_val))` of `task`: `make_task`'s templated sentiment
+    (the default, so earlier figures reproduce) or `minilm_tasks.make_docstring_task`'s
+    10-family stdlib docstring sentences."""
+    task_classes(task)  # rejects an unknown name
+    if task == "docstrings":
+        from minilm_tasks import make_docstring_task
+
+        return make_docstring_task(n_train, n_val, seed)
+    return make_task(n_train, n_val, seed)
+
+
+def tokenized_task(n_train: int, n_val: int, seed: int, seq_len: int, task: str = "sentiment"):
+    """`task_texts`' sentences through MiniLM's own tokenizer (`BertTextClassifierPreprocessor`,
     `seq_len` tokens): `(((x_train, y_train), (x_val, y_val)), train_texts)`, each x a dict of
     arrays (`token_ids`, `segment_ids`, `padding_mask`)."""
     import keras_hub
 
-    (train_texts, y_train), (val_texts, y_val) = make_task(n_train, n_val, seed)
+    (train_texts, y_train), (val_texts, y_val) = task_texts(n_train, n_val, seed, task)
     tokenizer = keras_hub.models.BertTokenizer(
         vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
     )
@@ -163,27 +211,59 @@ def compile_for(model, lr, args, teacher=None):
                              jit_compile=args.jit_compile)  # fmt: skip
 
 
-def train(name, model, lr, data, args, tracker, seed, teacher=None):
+def token_mask_transfer(args):
+    """The `--distill-token-mask` transfer set: that share of the real tokens replaced by
+    MiniLM's `[MASK]` id; `[CLS]`, `[SEP]` and padding are never masked."""
+    import keras_hub
+
+    from keras_lean.distill_transfer import TransferConfig
+
+    tokenizer = keras_hub.models.BertTokenizer(
+        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
+    )
+    keep = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    return TransferConfig(
+        token_mask=args.distill_token_mask,
+        mask_token_id=int(tokenizer.mask_token_id),
+        keep_token_ids=tuple(int(i) for i in keep),
+    )
+
+
+def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=None):
+    """Fits `model` epoch by epoch (one energy window each); with `transfer` (a
+    `TransferConfig`, distilled arms only) every batch is a perturbed copy, fed by
+    `keras_lean.distill_transfer.TransferData` (the teacher runs on the same batch)."""
     (x_train, y_train), (x_val, y_val) = data
     fitter = compile_for(model, lr, args, teacher)
     timer = StepTimer()
     rng = np.random.default_rng(seed)
     epoch_energy_j, epoch_s = [], []
     steps = int(np.ceil(len(y_train) / args.batch_size))
+
+    def fit_epoch(epoch, x_epoch, y_epoch):
+        if transfer is None:
+            fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
+                       callbacks=[timer])  # fmt: skip
+            return
+        from keras_lean.distill_transfer import TransferData
+
+        batches = TransferData(x_epoch, y_epoch, config=transfer, batch_size=args.batch_size,
+                               epochs=1, seed=1000 * seed + epoch)  # fmt: skip
+        fitter.fit(batches, epochs=1, steps_per_epoch=batches.steps_per_epoch, shuffle=False,
+                   verbose=0, callbacks=[timer])  # fmt: skip
+
     for epoch in range(args.epochs):
         if tracker is not None:
             x_epoch, y_epoch = shuffled(x_train, y_train, rng)
             with tracker.window(f"{name}/epoch{epoch}"):
-                fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
-                          callbacks=[timer])  # fmt: skip
+                fit_epoch(epoch, x_epoch, y_epoch)
             record = tracker.records[-1]
             epoch_energy_j.append(record.energy_j)
             epoch_s.append(record.duration_s)
         else:
             x_epoch, y_epoch = shuffled(x_train, y_train, rng)
             t0 = time.perf_counter()
-            fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
-                      callbacks=[timer])  # fmt: skip
+            fit_epoch(epoch, x_epoch, y_epoch)
             epoch_s.append(time.perf_counter() - t0)
             epoch_energy_j.append(float("nan"))
     # The first epoch carries tracing/compilation; medians over the rest when there are any.
@@ -269,6 +349,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument(
+        "--task", default="sentiment", choices=TASKS, help="docstrings: see minilm_tasks.py"
+    )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -284,6 +367,13 @@ def main() -> None:
     )
     parser.add_argument("--distill-alpha", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--distill-token-mask",
+        type=float,
+        default=0.0,
+        help="with --distill, also structured+lora+kd-mask: distilled on a transfer set that "
+        "masks this share of the real tokens with [MASK] (keras_lean.distill_transfer)",
+    )
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -303,15 +393,18 @@ def main() -> None:
 
     directory = model_dir()
     keras.utils.set_random_seed(args.seed)
-    data, train_texts = tokenized_task(args.train, args.val, args.seed, args.seq_len)
+    data, train_texts = tokenized_task(args.train, args.val, args.seed, args.seq_len, args.task)
     y_train, y_val = data[0][1], data[1][1]
-    print(f"task: {args.train} train / {args.val} val sentences, e.g. {train_texts[0]!r} -> "
-          f"{int(y_train[0])}; positives {y_train.mean():.2f}")  # fmt: skip
+    num_classes = task_classes(args.task)
+    print(f"task {args.task}: {args.train} train / {args.val} val sentences, e.g. "
+          f"{train_texts[0]!r} -> {int(y_train[0])}; {num_classes} classes, label shares "
+          f"{np.bincount(y_train, minlength=num_classes) / len(y_train)}")  # fmt: skip
 
     def fresh_classifier(seed):
         keras.utils.set_random_seed(seed)
         backbone = keras_hub.models.BertBackbone.from_preset(str(directory))
-        return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+        return keras_hub.models.BertTextClassifier(backbone, num_classes=num_classes,
+                                                   preprocessor=None)  # fmt: skip
 
     def run_seed(seed: int) -> dict:
         results = {}
@@ -363,10 +456,15 @@ def main() -> None:
         arms = [("structured+lora", None)]
         if teacher is not None:
             arms.append(("structured+lora+kd", teacher))
+            if args.distill_token_mask > 0:
+                arms.append(("structured+lora+kd-mask", teacher))
         for name, arm_teacher in arms:
             lora = pruned_lora()
             keras.utils.set_random_seed(seed)
-            results[name] = train(name, lora, 1e-3, data, args, tracker, seed, arm_teacher)
+            transfer = token_mask_transfer(args) if name.endswith("-mask") else None
+            results[name] = train(
+                name, lora, 1e-3, data, args, tracker, seed, arm_teacher, transfer
+            )
             merged = merge_lora(lora)
             results[name]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
             results[name]["deployed_params"] = count(merged.weights)
@@ -433,13 +531,15 @@ def main() -> None:
         checks["structured+lora accuracy within 1 point"] = (
             structured["val_accuracy"] >= full["val_accuracy"] - 0.01
         )
-    kd = results.get("structured+lora+kd")
-    if kd is not None and structured is not None:
-        print(distill_summary(full, structured, kd, args))
+    for arm in ("structured+lora+kd", "structured+lora+kd-mask"):
+        kd = results.get(arm)
+        if kd is None or structured is None:
+            continue
+        print(f"{arm}: " + distill_summary(full, structured, kd, args))
         lost = full["val_accuracy"] - structured["val_accuracy"]
         if lost > 0:
             gain = kd["val_accuracy"] - structured["val_accuracy"]
-            checks["distillation recovers >= 1/2 of the loss"] = gain >= lost / 2
+            checks[f"{arm}: distillation recovers >= 1/2 of the loss"] = gain >= lost / 2
     for check, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {check}")
     if args.json:

