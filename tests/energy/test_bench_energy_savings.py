@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_energy_savings.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_energy_savings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._scripts import load_script
 
 
 def _arm(energy_j, acc, nonzero=100):
@@ -32,7 +22,7 @@ def _arm(energy_j, acc, nonzero=100):
 
 
 def test_summary_uses_paired_per_seed_ratios():
-    script = _load_script()
+    script = load_script("bench_energy_savings")
     per_seed = []
     for scale in (1.0, 2.0, 4.0):  # a drifting machine: every arm of a seed costs `scale` x
         seed = {arm: _arm(100.0 * scale, 0.90) for arm in script.ARMS}
@@ -55,7 +45,7 @@ def test_quick_run_measures_the_chosen_arms(capsys):
         "structured50",
         "structured50-progressive",
     ]
-    result = _load_script().main(["--quick", "--arms", *arms])
+    result = load_script("bench_energy_savings").main(["--quick", "--arms", *arms])
     out = capsys.readouterr().out
     # A progressive arm brings its same-loop dense reference, dense-loop.
     assert set(result["rows"]) == {"dense", "dense-loop", *arms}
@@ -76,7 +66,7 @@ def test_quick_run_measures_the_chosen_arms(capsys):
 
 @pytest.mark.slow
 def test_quick_run_measures_every_arm(capsys):
-    script = _load_script()
+    script = load_script("bench_energy_savings")
     result = script.main(["--quick"])
     assert set(result["rows"]) == set(script.ARMS)
     for arm, row in result["rows"].items():

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_step_floor.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_step_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._scripts import load_script
 
 
 def test_floor_rows_compare_each_pruned_copy_with_the_dense_baseline(tmp_path):
     out = tmp_path / "rows.json"
     argv = ["--base-epochs", "1", "--epochs", "1", "--batch-sizes", "512", "--ratios", "0.5"]
-    rows = _load_script().main(argv + ["--json", str(out)])
+    rows = load_script("bench_step_floor").main(argv + ["--json", str(out)])
     assert json.loads(out.read_text()) == rows
     dense, pruned = rows
     assert (dense["ratio"], pruned["ratio"]) == (0.0, 0.5)

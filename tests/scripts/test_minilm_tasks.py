@@ -3,26 +3,17 @@ and bench_lora_minilm's task dispatch."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._scripts import SCRIPTS, load_script
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return _load("minilm_tasks")
+    return load_script("minilm_tasks")
 
 
 @pytest.mark.parametrize(
@@ -93,7 +84,7 @@ def test_asking_for_more_than_the_pool_names_the_maximum(tasks):
 def test_bench_lora_dispatches_tasks():
     sys.path.insert(0, str(SCRIPTS))
     try:
-        bench = _load("bench_lora_minilm")
+        bench = load_script("bench_lora_minilm")
     finally:
         sys.path.remove(str(SCRIPTS))
     assert bench.task_classes("sentiment") == 2
