@@ -20,6 +20,8 @@ from keras_lean.pipeline.text import (
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from tests.pipeline._text_presets import save_tiny_bert_preset  # noqa: E402
+
 VOCAB = [
     "[PAD]",
     "[UNK]",
@@ -34,20 +36,7 @@ GOOD, BAD = "good great fine".split(), "bad awful poor".split()
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
     """A tiny BERT preset folder (backbone + tokenizer), built here, no download."""
-    folder = tmp_path_factory.mktemp("preset")
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True)
-    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=8).save_to_preset(
-        folder
-    )
-    keras_hub.models.BertBackbone(
-        vocabulary_size=len(VOCAB),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    ).save_to_preset(folder)
-    return folder
+    return save_tiny_bert_preset(tmp_path_factory.mktemp("preset"), VOCAB)
 
 
 def _rows(n=80, seed=0):

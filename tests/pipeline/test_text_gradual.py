@@ -15,6 +15,7 @@ from keras_lean.structured.hub_layers import (  # noqa: E402
     MaskedTransformerEncoder,
     PrunedTransformerEncoder,
 )
+from tests.pipeline._text_presets import save_tiny_bert_preset  # noqa: E402
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"good bad movie plot".split()]
 
@@ -22,20 +23,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"good bad movie plot".sp
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
     """A tiny BERT preset folder (backbone + tokenizer), built here, no download."""
-    folder = tmp_path_factory.mktemp("preset")
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True)
-    keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=8).save_to_preset(
-        folder
-    )
-    keras_hub.models.BertBackbone(
-        vocabulary_size=len(VOCAB),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    ).save_to_preset(folder)
-    return folder
+    return save_tiny_bert_preset(tmp_path_factory.mktemp("preset"), VOCAB)
 
 
 def test_gradual_structured_masks_then_shrinks_the_encoder_blocks(preset):

@@ -18,6 +18,7 @@ from keras_lean.structured.hub_layers import (  # noqa: E402
     PrunedTransformerDecoder,
     PrunedTransformerEncoder,
 )
+from tests.structured._hub_models import bert_classifier, gpt2_causal_lm  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, FF, SEQ = 50, 16, 2, 32, 8
 HEAD_DIM = HIDDEN // HEADS
@@ -25,29 +26,15 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _bert_classifier(layers=2):
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=layers,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FF,
-        max_sequence_length=SEQ,
+    return bert_classifier(
+        vocab=VOCAB, heads=HEADS, hidden=HIDDEN, ff=FF, max_len=SEQ, layers=layers
     )
-    return keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=3, preprocessor=None)
 
 
 def _gpt2(layers=2):
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=layers,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FF,
-        max_sequence_length=SEQ,
+    return gpt2_causal_lm(
+        vocab=VOCAB, heads=HEADS, hidden=HIDDEN, ff=FF, max_len=SEQ, layers=layers
     )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
 def _bert_inputs(batch=4, high=VOCAB):

@@ -15,6 +15,7 @@ from keras_lean.structured import build_graph, prune_structured
 keras_hub = pytest.importorskip("keras_hub")
 
 from keras_lean.structured.hub_layers import PrunedTransformerDecoder  # noqa: E402
+from tests.structured._hub_models import gpt2_causal_lm  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, FF, LAYERS = 64, 16, 4, 32, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -22,16 +23,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _gpt2():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=LAYERS,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FF,
-        max_sequence_length=16,
-    )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    return gpt2_causal_lm(vocab=VOCAB, heads=HEADS, hidden=HIDDEN, ff=FF, max_len=16, layers=LAYERS)
 
 
 def _inputs(batch=4, seq=8):

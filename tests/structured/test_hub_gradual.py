@@ -27,6 +27,7 @@ from keras_lean.structured.hub_layers import (  # noqa: E402
     PrunedTransformerDecoder,
     PrunedTransformerEncoder,
 )
+from tests.structured._hub_models import bert_classifier, gpt2_causal_lm  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, FF, SEQ = 64, 16, 4, 32, 8
 HEAD_DIM = HIDDEN // HEADS
@@ -34,31 +35,11 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _bert():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FF,
-        max_sequence_length=16,
-        dropout=0.0,
-    )
-    return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+    return bert_classifier(vocab=VOCAB, heads=HEADS, hidden=HIDDEN, ff=FF, max_len=16, dropout=0.0)
 
 
 def _gpt2():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FF,
-        max_sequence_length=16,
-        dropout=0.0,
-    )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    return gpt2_causal_lm(vocab=VOCAB, heads=HEADS, hidden=HIDDEN, ff=FF, max_len=16, dropout=0.0)
 
 
 def _cross():
