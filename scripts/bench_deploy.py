@@ -426,16 +426,7 @@ def minilm(args, out) -> None:
     lm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lm)
     directory = lm.model_dir()
-    (train_texts, y_train), (val_texts, y_val) = lm.make_task(args.minilm_train, 200, 0)
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=str(directory / "vocab.txt"), lowercase=True
-    )
-    pre = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=16)
-
-    def tokenize(texts):
-        return {k: np.asarray(v) for k, v in pre(texts).items()}
-
-    x_train, x_val = tokenize(train_texts), tokenize(val_texts)
+    ((x_train, y_train), (x_val, y_val)), _ = lm.tokenized_task(args.minilm_train, 200, 0, 16)
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone.from_preset(str(directory))
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)

@@ -151,6 +151,13 @@ def task_texts(n_train: int, n_val: int, seed: int, task: str = "sentiment"):
     return make_task(n_train, n_val, seed)
 
 
+def minilm_tokenizer():
+    """all-MiniLM-L6-v2's own WordPiece tokenizer (lowercasing), from the package's vocab.txt."""
+    import keras_hub
+
+    return keras_hub.models.BertTokenizer(vocabulary=str(model_dir() / "vocab.txt"), lowercase=True)
+
+
 def tokenized_task(n_train: int, n_val: int, seed: int, seq_len: int, task: str = "sentiment"):
     """`task_texts`' sentences through MiniLM's own tokenizer (`BertTextClassifierPreprocessor`,
     `seq_len` tokens): `(((x_train, y_train), (x_val, y_val)), train_texts)`, each x a dict of
@@ -158,11 +165,8 @@ def tokenized_task(n_train: int, n_val: int, seed: int, seq_len: int, task: str 
     import keras_hub
 
     (train_texts, y_train), (val_texts, y_val) = task_texts(n_train, n_val, seed, task)
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
-    )
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-        tokenizer, sequence_length=seq_len
+        minilm_tokenizer(), sequence_length=seq_len
     )
 
     def tokenize(texts):
@@ -214,13 +218,9 @@ def compile_for(model, lr, args, teacher=None):
 def token_mask_transfer(args):
     """The `--distill-token-mask` transfer set: that share of the real tokens replaced by
     MiniLM's `[MASK]` id; `[CLS]`, `[SEP]` and padding are never masked."""
-    import keras_hub
-
     from keras_lean.distill_transfer import TransferConfig
 
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=str(model_dir() / "vocab.txt"), lowercase=True
-    )
+    tokenizer = minilm_tokenizer()
     keep = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
     return TransferConfig(
         token_mask=args.distill_token_mask,
