@@ -58,12 +58,10 @@ def validate(
         finetuned = load_model(run.finetuned)
         base_acc = evaluate(baseline, ds)
         ft_acc = evaluate(finetuned, ds)
-        drop = base_acc - ft_acc
+        accuracy_gate = StageGate("accuracy", None, base_acc, rec.max_accuracy_drop)
+        drop = accuracy_gate.change(ft_acc)
         gate = _perplexity_gate(manifest, rec, baseline, finetuned, ds)
-        if gate:
-            passed = gate["passed"]
-        else:
-            passed = StageGate("accuracy", None, base_acc, rec.max_accuracy_drop).within(ft_acc)
+        passed = gate["passed"] if gate else accuracy_gate.within(ft_acc)
         fwd = forward_flops(baseline)
         stage.flops = None if fwd is None else 2 * fwd * len(ds.x_val)
         result = {
