@@ -70,12 +70,20 @@ at 9 to 61 % accuracy: an optimisation deficit, which soft targets (a weaker gra
 labels) do not shorten; at 20 epochs labels alone lose at most 3 validation samples, below what a
 paired comparison on 359 samples resolves. The transfer set stays off by default.
 
+Intermediate layers (`DistillConfig(hidden=..., hidden_layers=...)`, recipe `distill.hidden`;
+`keras_lean.distill_features`): the distillation share becomes `T^2 * KL + hidden * mean NMSE`,
+the normalised MSE between the student's and the teacher's outputs of the layers the two share
+by name (every keras-hub transformer block, else every weighted layer but the output one); a
+structurally pruned layer is compared with the teacher's channels it kept
+(`keras_lean.structured.kept_output_channels`).
+
 Example:
     >>> from keras_lean.distill import DistillConfig, TransferConfig, distill_fit
     >>> result = distill_fit(pruned, baseline, x_train, y_train,
     ...                      config=DistillConfig(alpha=0.5, temperature=1.0), epochs=3)
     >>> result.history.history["distillation_loss"][-1]
     >>> on_mixup = DistillConfig(transfer=TransferConfig(mixup=0.4))  # a transfer set
+    >>> with_blocks = DistillConfig(hidden=1.0)  # logits + every transformer block's output
 """
 
 from __future__ import annotations
@@ -111,11 +119,22 @@ class DistillConfig:
             teacher, higher values mostly pass fit noise (see the module docstring).
         transfer: a `TransferConfig` (or its dict): the student and the teacher see perturbed
             training inputs; None (default): the clean training inputs.
+        hidden: weight (>= 0) of the intermediate-layer term inside the distillation share:
+            the loss becomes `(1 - alpha) * CE + alpha * (T^2 * KL + hidden * mean NMSE)`, the
+            mean over the distilled layers of the normalised MSE between the student's layer
+            outputs and the teacher's (`keras_lean.distill_features`); 0 (default): logits
+            only. Needs `alpha > 0`.
+        hidden_layers: names of the layers to distil (the same in both models); None: every
+            keras-hub transformer block the two share, else every weighted layer they share but
+            the output layer. A structurally pruned layer is compared with the teacher's channels
+            it kept.
     """
 
     alpha: float = 0.5
     temperature: float = 1.0
     transfer: TransferConfig | None = None
+    hidden: float = 0.0
+    hidden_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
@@ -128,6 +147,27 @@ class DistillConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0. Received: temperature={self.temperature}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, (int, float)):
+            raise TypeError(f"hidden must be a number. Received: hidden={self.hidden!r}")
+        if not self.hidden >= 0:
+            raise ValueError(f"hidden must be >= 0. Received: hidden={self.hidden}")
+        if self.hidden > 0 and self.alpha == 0:
+            raise ValueError(
+                f"hidden={self.hidden} needs alpha > 0 (the hidden-state term is part of the "
+                "distillation share, which alpha 0 switches off). Received: alpha=0"
+            )
+        if self.hidden_layers is not None:
+            names = (
+                (self.hidden_layers,)
+                if isinstance(self.hidden_layers, str)
+                else tuple(self.hidden_layers)
+            )
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(
+                    "hidden_layers must be None or a non-empty list of layer names. "
+                    f"Received: {self.hidden_layers!r}"
+                )
+            object.__setattr__(self, "hidden_layers", names)
         if isinstance(self.transfer, dict):
             object.__setattr__(self, "transfer", TransferConfig.from_dict(self.transfer))
         elif self.transfer is not None and not isinstance(self.transfer, TransferConfig):
@@ -141,6 +181,8 @@ class DistillConfig:
             "alpha": self.alpha,
             "temperature": self.temperature,
             "transfer": None if self.transfer is None else self.transfer.to_dict(),
+            "hidden": self.hidden,
+            "hidden_layers": None if self.hidden_layers is None else list(self.hidden_layers),
         }
 
     @classmethod
@@ -218,13 +260,35 @@ def make_distiller(
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig. Received: {type(config).__name__}")
+    losses = [distillation_loss(config, from_logits=from_logits)]
+    weights = [1.0]
+    if config.hidden > 0:
+        from keras_lean.distill_features import feature_losses
+
+        teacher, hidden, _ = feature_losses(teacher, student, config.hidden_layers)
+        losses += hidden
+        weights += [float(config.hidden) / len(hidden)] * len(hidden)
     return keras.distillation.Distiller(
         teacher=teacher,
         student=student,
-        distillation_losses=distillation_loss(config, from_logits=from_logits),
+        distillation_losses=losses,
+        distillation_loss_weights=weights,
         student_loss_weight=1.0 - float(config.alpha),
         name=f"distill_{student.name}",
     )
+
+
+def distilled_layers(distiller: keras.distillation.Distiller) -> list[dict]:
+    """The layers a distiller's hidden-state term compares (`[{"layer", "channels"}]`:
+    channels is the number of the teacher's channels compared when the layer was narrowed,
+    None when the widths are equal); [] for logits only."""
+    from keras_lean.distill_features import HiddenStateDistillation
+
+    return [
+        {"layer": d.teacher_layer_name, "channels": None if d.channels is None else len(d.channels)}
+        for d in distiller.distillation_losses
+        if isinstance(d, HiddenStateDistillation)
+    ]
 
 
 def compile_distiller(
@@ -280,6 +344,7 @@ class DistillResult:
         teacher_forward_flops: the teacher's forward FLOPs per sample (None when the counter
             cannot count it); one teacher forward pass runs per training sample.
         samples_seen: training samples the fit ran (epochs x samples), when known.
+        distilled_layers: the layers the hidden-state term compared (`distilled_layers`).
     """
 
     student: keras.Model
@@ -288,6 +353,7 @@ class DistillResult:
     from_logits: bool
     teacher_forward_flops: int | None = None
     samples_seen: int | None = None
+    distilled_layers: list = dataclasses.field(default_factory=list)
 
     @property
     def teacher_flops(self) -> float | None:
@@ -303,6 +369,7 @@ class DistillResult:
             "teacher_forward_flops": self.teacher_forward_flops,
             "samples_seen": self.samples_seen,
             "teacher_flops": self.teacher_flops,
+            "distilled_layers": list(self.distilled_layers),
         }
 
 
@@ -406,6 +473,7 @@ def distill_fit(
         from_logits=bool(from_logits),
         teacher_forward_flops=teacher_forward_flops(teacher),
         samples_seen=samples,
+        distilled_layers=distilled_layers(distiller),
     )
 
 
@@ -455,12 +523,16 @@ class Teacher:
     from_logits: bool
     source: str = "teacher"
     _flops: list = dataclasses.field(default_factory=list, init=False, repr=False)
+    _layers: list = dataclasses.field(default_factory=list, init=False, repr=False)
 
     def compile(self, student: keras.Model, **kwargs: Any) -> keras.distillation.Distiller:
-        """`compile_distiller(student, self.model, self.config, from_logits=..., **kwargs)`."""
-        return compile_distiller(
+        """`compile_distiller(student, self.model, self.config, from_logits=..., **kwargs)`;
+        the layers its hidden-state term compares are kept for `to_dict` (the last fit's)."""
+        distiller = compile_distiller(
             student, self.model, self.config, from_logits=self.from_logits, **kwargs
         )
+        self._layers[:] = distilled_layers(distiller)
+        return distiller
 
     def transfer_data(self, data: Any, *, seed: int, first_step: int = 0) -> Any:
         """`data` (a dataset of `(x, y)` batches) as the config's transfer set, or `data`
@@ -483,4 +555,5 @@ class Teacher:
             **self.config.to_dict(),
             "from_logits": self.from_logits,
             "teacher_forward_flops": self.forward_flops,
+            "distilled_layers": list(self._layers),
         }

@@ -24,7 +24,9 @@ On the pipeline's digits CNN (`keras_lean.pipeline.models.build_model("cnn")`, d
    `.tflite` (target: faster at both), accuracy vs the baseline (target: within 1 point). Also
    the Keras-native int8 `.keras` (`Model.quantize`) of the same model.
 4. Distillation sweep (`--sweep RATIO:EPOCHS,...`, default 70 %/2, 80 %/2, 90 %/3: settings
-   where labels alone lose accuracy; `--sweep-distill ALPHA:T,...`, default 0.5:1 and 0.5:4):
+   where labels alone lose accuracy; `--sweep-distill ALPHA:T[:HIDDEN],...`, default 0.5:1 and
+   0.5:4; HIDDEN > 0 adds the hidden-state term on every layer, narrowed ones compared with the
+   teacher's channels they kept, `keras_lean.distill_features`):
    labels alone vs distilled, same start, epochs and learning rate, per seed. With
    `--sweep-transfer 'none;mixup=0.4;noise=0.1;shift=1'` each transfer set
    (`keras_lean.distill_transfer.TransferConfig`) adds two arms on the same perturbed batches:
@@ -234,11 +236,12 @@ def distill_sweep(base, d, seed, args) -> list[tuple]:
                     base, d, seed, ratio, epochs, args.structured_lr, transfer
                 )
                 aug = _accuracy(aug_model, d.x_val, d.y_val)
-            for alpha, temperature in args.sweep_distill:
-                cfg = DistillConfig(alpha=alpha, temperature=temperature, transfer=transfer)
+            for alpha, temperature, hidden in args.sweep_distill:
+                cfg = DistillConfig(alpha=alpha, temperature=temperature, transfer=transfer,
+                                    hidden=hidden)  # fmt: skip
                 student = _distilled(base, d, seed, ratio, epochs, args.structured_lr, cfg)
                 acc = _accuracy(student, d.x_val, d.y_val)
-                rows.append((ratio, epochs, _transfer_name(transfer), alpha, temperature,
+                rows.append((ratio, epochs, _transfer_name(transfer), alpha, temperature, hidden,
                              one_shot, plain, aug, acc))  # fmt: skip
     return rows
 
@@ -387,20 +390,22 @@ def report(seed: int, b: dict, m: dict, s: dict, args) -> dict:
 
 
 def report_sweep(b: dict, rows: list[tuple]) -> list[tuple]:
-    """Prints the sweep rows; returns (ratio, epochs, transfer, alpha, T, lost, aug gain,
-    distilled gain, share recovered, share recovered by the augmentation alone) per row."""
+    """Prints the sweep rows; returns (ratio, epochs, transfer, alpha, T, hidden, lost, aug
+    gain, distilled gain, share recovered, share recovered by the augmentation alone) per row."""
     sweep = []
-    for ratio, epochs, transfer, alpha, temperature, one_shot, plain, aug, distilled in rows:
+    for row in rows:
+        ratio, epochs, transfer, alpha, temperature, hidden, one_shot, plain, aug, distilled = row
         lost_pt, gain_pt = 100 * (b["acc"] - plain), 100 * (distilled - plain)
         aug_pt = 100 * (aug - plain)
         share = gain_pt / lost_pt if lost_pt > 0 else float("nan")
         aug_share = aug_pt / lost_pt if lost_pt > 0 else float("nan")
-        sweep.append((ratio, epochs, transfer, alpha, temperature, lost_pt, aug_pt, gain_pt,
-                      share, aug_share))  # fmt: skip
+        sweep.append((ratio, epochs, transfer, alpha, temperature, hidden, lost_pt, aug_pt,
+                      gain_pt, share, aug_share))  # fmt: skip
         print(
             f"   sweep: structured {ratio:.0%}, {epochs} epochs (one-shot {one_shot:.4f}), "
             f"transfer {transfer}: labels {0.0 - lost_pt:+.2f} pt, labels on the transfer set "
-            f"{100 * (aug - b['acc']):+.2f} pt, distilled (alpha {alpha:g}, T {temperature:g}) "
+            f"{100 * (aug - b['acc']):+.2f} pt, distilled (alpha {alpha:g}, T {temperature:g}, "
+            f"hidden {hidden:g}) "
             f"{100 * (distilled - b['acc']):+.2f} pt: "
             + (
                 f"recovered {share:.0%} (augmentation alone {aug_share:.0%}; target >= 50 %: "
@@ -483,6 +488,21 @@ def _pairs(first, second):
     return parse
 
 
+def _distill_settings(text: str) -> list[tuple[float, float, float]]:
+    """argparse type: 'a:t,a:t:h' -> [(a, t, 0.0), (a, t, h)] (alpha, temperature, hidden)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise argparse.ArgumentTypeError(f"expected ALPHA:T[:HIDDEN]. Received: {item!r}")
+        try:
+            values = [float(v) for v in parts]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a number in {item!r}") from e
+        out.append((values[0], values[1], values[2] if len(values) == 3 else 0.0))
+    return out
+
+
 def _transfers(text: str) -> list[TransferConfig | None]:
     """argparse type: 'none;shift=1;noise=0.1,mixup=0.4' -> [None, TransferConfig(...), ...]."""
     out: list[TransferConfig | None] = []
@@ -524,9 +544,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--sweep-distill",
-        type=_pairs(float, float),
-        default=[(0.5, 1.0), (0.5, 4.0)],
-        help="ALPHA:T,... distillation settings of the sweep",
+        type=_distill_settings,
+        default=[(0.5, 1.0, 0.0), (0.5, 4.0, 0.0)],
+        help="ALPHA:T[:HIDDEN],... distillation settings of the sweep (HIDDEN: weight of the "
+        "hidden-state term, keras_lean.distill_features; default 0)",
     )
     parser.add_argument(
         "--sweep-transfer",
@@ -550,7 +571,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.finetune_epochs, args.runs = args.seeds[:1], 8, 4, 20
-        args.structured_epochs, args.sweep, args.sweep_distill = 4, [(0.8, 2)], [(0.5, 1.0)]
+        args.structured_epochs, args.sweep, args.sweep_distill = 4, [(0.8, 2)], [(0.5, 1.0, 0.0)]
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.minilm:
         from pathlib import Path
@@ -596,22 +617,22 @@ def _shares(values) -> str:
 
 def summarize_sweep(per_seed: list[list[tuple]], seeds: list[int]) -> None:
     """One line per sweep setting: per-seed losses, gains and shares recovered."""
-    for i, (ratio, epochs, transfer, alpha, temperature, *_) in enumerate(
+    for i, (ratio, epochs, transfer, alpha, temperature, hidden, *_) in enumerate(
         per_seed[0] if per_seed else []
     ):
         rows = [sweep[i] for sweep in per_seed]
         print(
             f"sweep {ratio:.0%} / {epochs} epochs / transfer {transfer} / alpha {alpha:g} T "
-            f"{temperature:g}: labels "
-            + ", ".join(f"{0.0 - r[5]:+.2f}" for r in rows)
+            f"{temperature:g} hidden {hidden:g}: labels "
+            + ", ".join(f"{0.0 - r[6]:+.2f}" for r in rows)
             + " pt; labels on the transfer set vs labels "
-            + ", ".join(f"{r[6]:+.2f}" for r in rows)
-            + " pt; distilled vs labels "
             + ", ".join(f"{r[7]:+.2f}" for r in rows)
+            + " pt; distilled vs labels "
+            + ", ".join(f"{r[8]:+.2f}" for r in rows)
             + " pt; share recovered "
-            + _shares(r[8] for r in rows)
-            + " (augmentation alone "
             + _shares(r[9] for r in rows)
+            + " (augmentation alone "
+            + _shares(r[10] for r in rows)
             + f") (seeds {seeds})"
         )
 

@@ -29,6 +29,13 @@ Configurations, trained with the same data, batch size, epochs and seed:
   structured+lora+kd-mask  (--distill --distill-token-mask RATE) the same, distilled on a
               transfer set: each batch with RATE of its real tokens replaced by [MASK]
               ([CLS]/[SEP]/padding kept), the teacher run on that same masked batch.
+  structured+lora+kd-hidden  (--distill --distill-hidden BETA) the same, distilled on the
+              logits and on every encoder block's output (hidden states, normalised MSE,
+              weight BETA inside the distillation share; keras_lean.distill_features).
+  --structured-lora-targets all / --structured-rank R: the structured arms' adapters on every
+              encoder kernel (query/key/value/attention output, both feed-forward kernels) with
+              the pooler trainable, at rank R (LLM-Pruner's recovery adapters cover every linear
+              layer); the default stays attention query/value at --rank.
 
 Targets checked at the end: LoRA (trainable <= 2 %, time and energy per step <= 0.7x full,
 accuracy within 1 pt) and structured+LoRA (energy per step <= 0.37x full, accuracy within 1 pt).
@@ -86,6 +93,12 @@ TASK_NAMES = {
     "sentiment": "templated sentiment ({train} train / {val} val, unseen adjectives)",
     "docstrings": "stdlib docstring families ({train} train / {val} val sentences, 10 classes)",
 }
+
+
+# Every kernel of a BERT encoder block (keras-hub names), for `--structured-lora-targets all`.
+ALL_LINEAR = (
+    "query|key|value|attention_output|feedforward_intermediate_dense|feedforward_output_dense"
+)
 
 
 def task_title(task: str, n_train: int, n_val: int) -> str:
@@ -199,9 +212,10 @@ def count(variables) -> int:
     return int(sum(np.prod(v.shape) for v in variables))
 
 
-def compile_for(model, lr, args, teacher=None):
+def compile_for(model, lr, args, teacher=None, hidden=0.0):
     """`model` compiled for `fit`, or with a teacher the `keras.distillation.Distiller` to fit
-    (keras_lean.distill; the teacher's forward pass runs inside the same fit)."""
+    (keras_lean.distill; the teacher's forward pass runs inside the same fit); `hidden` > 0 adds
+    the hidden-state term on every transformer block's output (keras_lean.distill_features)."""
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if teacher is None:
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"],
@@ -209,7 +223,9 @@ def compile_for(model, lr, args, teacher=None):
         return model
     from keras_lean.distill import DistillConfig, compile_distiller
 
-    config = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature)
+    config = DistillConfig(
+        alpha=args.distill_alpha, temperature=args.distill_temperature, hidden=hidden
+    )
     return compile_distiller(model, teacher, config, from_logits=True,
                              optimizer=keras.optimizers.Adam(lr), loss=loss,
                              jit_compile=args.jit_compile)  # fmt: skip
@@ -229,12 +245,12 @@ def token_mask_transfer(args):
     )
 
 
-def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=None):
+def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=None, hidden=0.0):
     """Fits `model` epoch by epoch (one energy window each); with `transfer` (a
     `TransferConfig`, distilled arms only) every batch is a perturbed copy, fed by
     `keras_lean.distill_transfer.TransferData` (the teacher runs on the same batch)."""
     (x_train, y_train), (x_val, y_val) = data
-    fitter = compile_for(model, lr, args, teacher)
+    fitter = compile_for(model, lr, args, teacher, hidden)
     timer = StepTimer()
     rng = np.random.default_rng(seed)
     epoch_energy_j, epoch_s = [], []
@@ -374,6 +390,27 @@ def main() -> None:
         help="with --distill, also structured+lora+kd-mask: distilled on a transfer set that "
         "masks this share of the real tokens with [MASK] (keras_lean.distill_transfer)",
     )
+    parser.add_argument(
+        "--distill-hidden",
+        type=float,
+        default=0.0,
+        help="with --distill, also structured+lora+kd-hidden: the logits term plus this weight "
+        "times the hidden-state term on every encoder block (keras_lean.distill_features)",
+    )
+    parser.add_argument(
+        "--structured-lora-targets",
+        default="attention",
+        choices=["attention", "all"],
+        help="LoRA targets of the structured arms: attention (apply_lora's default, query/value)"
+        " or all (query/key/value/attention output and both feed-forward kernels; the pooler "
+        "trains fully, as the head does)",
+    )
+    parser.add_argument(
+        "--structured-rank",
+        type=int,
+        default=None,
+        help="LoRA rank of the structured arms (default: --rank)",
+    )
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -399,6 +436,8 @@ def main() -> None:
     print(f"task {args.task}: {args.train} train / {args.val} val sentences, e.g. "
           f"{train_texts[0]!r} -> {int(y_train[0])}; {num_classes} classes, label shares "
           f"{np.bincount(y_train, minlength=num_classes) / len(y_train)}")  # fmt: skip
+
+    structured_rank = args.structured_rank or args.rank
 
     def fresh_classifier(seed):
         keras.utils.set_random_seed(seed)
@@ -449,7 +488,13 @@ def main() -> None:
                 batch_size=args.batch_size,
                 exclude=("logits",),
             )
-            return apply_lora(pruned, rank=args.rank, alpha=args.alpha, keep_trainable="logits")
+            if args.structured_lora_targets == "all":
+                targets, keep = ALL_LINEAR, "logits|pooled_dense"
+            else:
+                targets, keep = None, "logits"
+            return apply_lora(
+                pruned, rank=structured_rank, alpha=args.alpha, targets=targets, keep_trainable=keep
+            )
 
         # Same pruned start, same epochs and learning rate; the second arm also learns from the
         # full fine-tune's logits (its forward pass is inside the energy window).
@@ -458,12 +503,15 @@ def main() -> None:
             arms.append(("structured+lora+kd", teacher))
             if args.distill_token_mask > 0:
                 arms.append(("structured+lora+kd-mask", teacher))
+            if args.distill_hidden > 0:
+                arms.append(("structured+lora+kd-hidden", teacher))
         for name, arm_teacher in arms:
             lora = pruned_lora()
             keras.utils.set_random_seed(seed)
             transfer = token_mask_transfer(args) if name.endswith("-mask") else None
+            hidden = args.distill_hidden if name.endswith("-hidden") else 0.0
             results[name] = train(
-                name, lora, 1e-3, data, args, tracker, seed, arm_teacher, transfer
+                name, lora, 1e-3, data, args, tracker, seed, arm_teacher, transfer, hidden
             )
             merged = merge_lora(lora)
             results[name]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
@@ -531,7 +579,7 @@ def main() -> None:
         checks["structured+lora accuracy within 1 point"] = (
             structured["val_accuracy"] >= full["val_accuracy"] - 0.01
         )
-    for arm in ("structured+lora+kd", "structured+lora+kd-mask"):
+    for arm in ("structured+lora+kd", "structured+lora+kd-mask", "structured+lora+kd-hidden"):
         kd = results.get(arm)
         if kd is None or structured is None:
             continue

@@ -299,6 +299,10 @@ class DistillOptions(Section):
             right on its training split, higher values mostly pass its fit noise (measured in
             `keras_lean.distill`).
         transfer: see `DistillTransferOptions` (off by default).
+        hidden: weight of the intermediate-layer (hidden-state) term inside the distillation
+            share; 0 (default) distils the logits only (`keras_lean.distill_features`).
+        hidden_layers: the layers whose outputs are distilled; empty (default): every keras-hub
+            transformer block, else every weighted layer but the output one.
     """
 
     root: ClassVar[str | None] = "distill"
@@ -318,6 +322,12 @@ class DistillOptions(Section):
         comment="transfer set: perturbed training inputs (off by default)",
         default_factory=DistillTransferOptions,
     )
+    hidden: float = option(
+        0.0, Float(min=0), "weight of the hidden-state term (0: logits only; keras_lean.distill)"
+    )
+    hidden_layers: tuple[str, ...] = option(
+        (), List(Str(), scalar=str), "layers to distil (empty: transformer blocks, else all)"
+    )
 
     def check(self) -> None:
         if self.transfer.enabled and self.teacher == "none":
@@ -325,6 +335,12 @@ class DistillOptions(Section):
                 "transfer",
                 "perturbs the inputs of a distillation, and distill.teacher is none. Set "
                 "distill.teacher (e.g. baseline) or remove distill.transfer.",
+            )
+        if self.hidden > 0 and self.teacher != "none" and self.alpha == 0:
+            raise RecipeError(
+                "hidden",
+                f"is {self.hidden:g}, and alpha is 0, which switches the whole distillation "
+                "share off. Set alpha above 0 or hidden to 0.",
             )
 
     @property

@@ -56,7 +56,7 @@ from keras_lean.structured.rules import (
     get_channel_rule,
     register_channel_rule,
 )
-from keras_lean.structured.surgery import flatten_model
+from keras_lean.structured.surgery import flatten_model, kept_output_channels
 from keras_lean.structured.width import (
     WIDTH_IMPORTANCE,
     hidden_width_scores,
@@ -88,6 +88,7 @@ __all__ = [
     "build_graph",
     "carry_optimizer_state",
     "flatten_model",
+    "kept_output_channels",
     "get_channel_rule",
     "hidden_width_scores",
     "keep_count",

@@ -214,7 +214,7 @@ def prune_structured(
     _check_model(model)
     round_to = resolve_round_to(round_to)
     _check_args(ratio, importance, round_to, min_channels)
-    model = _flat(model)
+    parent, model = model, _flat(model)
     graph = build_graph(model, exclude)
     _warn_if_nothing_prunable(graph, ratio)
     scores = unit_scores(
@@ -233,7 +233,7 @@ def prune_structured(
         min_channels=min_channels,
         global_ranking=global_ranking,
     )
-    return rebuild(model, graph, pruned)
+    return rebuild(model, graph, pruned, parent=parent)
 
 
 def _flat(model: keras.Model) -> keras.Model:
@@ -545,7 +545,7 @@ def shrink(model: keras.Model) -> keras.Model:
             "Masked channels feed a model output or a layer the graph cannot narrow; cannot "
             f"shrink them ({len(blocked)} units)."
         )
-    return rebuild(plain, graph, pruned)
+    return rebuild(plain, graph, pruned, parent=model)
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -9,11 +9,18 @@ Nothing of the caller's model is shared or changed.
 `replay(model, make_layer, after)` is the generic part, also used to insert and remove the
 gradual-pruning mask layers. `flatten_model(model)` inlines nested models (a backbone called as a
 layer, a keras-hub task's backbone), so the graph can prune through them.
+
+`kept_output_channels(pruned)`: for a model that `rebuild` made, which of the original model's
+output channels each narrowed layer kept (composed over successive rebuilds, so a model shrunk in
+stages maps back to the first model). Distillation uses it to compare a narrowed layer with the
+teacher's same channels (`keras_lean.distill_features`). It lives in memory beside the model
+object: a reloaded or re-cloned model has none.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +40,39 @@ from keras_lean._keras_internals import (
 from keras_lean.structured.graph import DependencyGraph
 from keras_lean.structured.importance import layer_weight
 
-__all__ = ["clone_layer", "flatten_model", "has_nested_models", "rebuild", "replay"]
+__all__ = [
+    "clone_layer",
+    "flatten_model",
+    "has_nested_models",
+    "kept_output_channels",
+    "rebuild",
+    "replay",
+]
+
+# model -> {layer name: indices of the original output channels it kept}; weak, so it goes with
+# the model.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_output_channels(model: keras.Model) -> dict[str, np.ndarray]:
+    """Per narrowed layer of `model`, the indices (into the original model's output channels
+    of that layer, last axis) that survived the rebuilds that made `model`; {} when `model` was
+    not made by `rebuild` in this process."""
+    return {name: ids.copy() for name, ids in _KEPT.get(model, {}).items()}
+
+
+def _record_kept(
+    new_model: keras.Model, graph: DependencyGraph, pruned: frozenset, parent: keras.Model
+) -> None:
+    """Stores `new_model`'s kept output channels, composed with `parent`'s own record."""
+    kept = dict(_KEPT.get(parent, {}))
+    for name, (_, out) in graph.layer_ids.items():
+        mask = graph.keep_mask(out, pruned)
+        if mask is None or mask.all():
+            continue
+        here = np.flatnonzero(mask)
+        kept[name] = kept[name][here] if name in kept else here
+    _KEPT[new_model] = kept
 
 
 def clone_layer(layer: Any, config: dict | None = None, cls: type | None = None) -> Any:
@@ -274,13 +313,20 @@ def sliced_weights(layer: Any, graph: DependencyGraph, pruned: frozenset) -> lis
     return values
 
 
-def rebuild(model: keras.Model, graph: DependencyGraph, pruned: frozenset | set) -> keras.Model:
+def rebuild(
+    model: keras.Model,
+    graph: DependencyGraph,
+    pruned: frozenset | set,
+    parent: keras.Model | None = None,
+) -> keras.Model:
     """A new model without the `pruned` units, weights of the survivors copied.
 
     Args:
         model: the model `graph` was built from.
         graph: its `DependencyGraph`.
         pruned: root ids of the units to remove (all must be prunable).
+        parent: the caller's model when `model` is a copy of it (flattened, masks removed):
+            `kept_output_channels` of the result then composes with the parent's.
 
     Returns:
         A new Keras model of the same kind (Sequential or functional).
@@ -316,6 +362,7 @@ def rebuild(model: keras.Model, graph: DependencyGraph, pruned: frozenset | set)
                     f"sliced value has {value.shape}."
                 )
             var.assign(value)
+    _record_kept(new_model, graph, pruned, model if parent is None else parent)
     return new_model
 
 

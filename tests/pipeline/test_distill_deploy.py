@@ -141,8 +141,21 @@ def test_checkpoint_of_a_distilled_fit_is_the_student(tmp_path, digits):
         ({"distill": {"teachr": "baseline"}}, r"distill\.teachr: unknown key"),
         ({"export": {"keras_quantization": "int2"}}, r"export\.keras_quantization: must be one"),
         ({"export": {"sparse_tflite": "always"}}, r"export\.sparse_tflite: must be one of auto"),
+        (
+            {"distill": {"teacher": "baseline", "alpha": 0, "hidden": 1}},
+            r"distill\.hidden: is 1, and alpha is 0",
+        ),
+        ({"distill": {"hidden": -1}}, r"distill\.hidden: must be"),
     ],
-    ids=["teacher", "temperature", "typo", "keras-quantization", "sparse"],
+    ids=[
+        "teacher",
+        "temperature",
+        "typo",
+        "keras-quantization",
+        "sparse",
+        "hidden-alpha",
+        "hidden",
+    ],
 )
 def test_recipe_errors(section, match):
     with pytest.raises(RecipeError, match=match):
@@ -199,6 +212,29 @@ def test_distillation_reaches_every_fit(trained_run, tmp_path, body):
     assert entry["accuracy"] > 0.3 and entry["energy_j"] > 0
     if "guard" in body:
         assert len(entry["details"]["guard"]["stages"]) >= 1
+
+
+def test_recipe_hidden_states_reach_the_structured_fit(trained_run, tmp_path):
+    """`distill.hidden` adds the hidden-state term to a one-shot structured fine-tune: the
+    narrowed layers are compared with the baseline's channels they kept (the surgery's record
+    survives into the fit), and `details.distill.distilled_layers` says which. (In the default
+    gradual mode the layers keep their width until deploy and are compared whole.)"""
+    run = RunDir(trained_run)
+    body = (
+        "methods: [structured]\nstructured: {ratio: 0.5, mode: oneshot}\n"
+        "finetune: {epochs: 1, jit_compile: off}\n"
+        "distill: {teacher: baseline, hidden: 2.0}\n"
+    )
+    configure(run, recipe=_recipe(tmp_path, body), force=True)
+    entry = finetune(run, verbose=0).entry
+    d = entry["details"]["distill"]
+    assert d["hidden"] == 2.0 and d["hidden_layers"] is None
+    layers = d["distilled_layers"]
+    assert layers and any(la["channels"] for la in layers), layers
+    baseline = load_model(run.baseline)
+    names = {la.name for la in baseline.layers}
+    assert {la["layer"] for la in layers} <= names
+    assert entry["accuracy"] > 0.3
 
 
 def test_recipe_transfer_set_reaches_the_fit(trained_run, tmp_path, monkeypatch):

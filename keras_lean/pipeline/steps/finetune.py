@@ -436,6 +436,8 @@ def _teacher(ctx: FinetuneContext):
             transfer=TransferConfig.from_dict(opts.transfer.to_dict())
             if opts.transfer.enabled
             else None,
+            hidden=opts.hidden,
+            hidden_layers=opts.hidden_layers or None,
         ),
         from_logits=bool(getattr(ctx.loss, "from_logits", False)),
         source=opts.teacher,
