@@ -42,6 +42,7 @@ __all__ = [
     "own_trainable_variables",
     "own_variables",
     "replace_sublayer",
+    "teacher_feature_extractor",
     "uses_gate",
 ]
 
@@ -289,3 +290,14 @@ def replace_sublayer(owner: Any, attr: str, new: Any) -> None:
     finally:
         if locked:
             tracker.lock()
+
+
+# -- keras.distillation ---------------------------------------------------------------------------
+
+
+def teacher_feature_extractor(distiller: Any) -> Any:
+    """The model a `keras.distillation.Distiller` runs for the teacher's intermediate features,
+    or None (logits only). Keras 3.15 builds it before it freezes the teacher, and a model whose
+    layers were rebuilt from configs holding `trainable: False` (a clone of a frozen teacher) can
+    leave sublayers trainable in it, so the caller must freeze it too."""
+    return getattr(distiller, "_teacher_feature_extractor", None)

@@ -268,7 +268,7 @@ def make_distiller(
         teacher, hidden, _ = feature_losses(teacher, student, config.hidden_layers)
         losses += hidden
         weights += [float(config.hidden) / len(hidden)] * len(hidden)
-    return keras.distillation.Distiller(
+    distiller = keras.distillation.Distiller(
         teacher=teacher,
         student=student,
         distillation_losses=losses,
@@ -276,6 +276,35 @@ def make_distiller(
         student_loss_weight=1.0 - float(config.alpha),
         name=f"distill_{student.name}",
     )
+    _freeze_teacher(distiller, student)
+    return distiller
+
+
+def _freeze_teacher(distiller: keras.distillation.Distiller, student: keras.Model) -> None:
+    """Makes the student's variables the only trainable ones of `distiller`.
+
+    Keras freezes the teacher but not the feature extractor it built over it. With a teacher
+    that was frozen before (a second distiller over the same teacher), its flattened copy is
+    rebuilt from configs that say `trainable: False`, and in keras-hub blocks the sublayers made
+    at build time keep trainable variables that no `trainable` setter reaches: the optimizer
+    then trained the teacher's copy towards the student (on MiniLM the student never left chance
+    accuracy). So every variable the extractor holds is frozen, and anything else trainable
+    that is not the student's is an error.
+    """
+    from keras_lean._keras_internals import teacher_feature_extractor
+
+    extractor = teacher_feature_extractor(distiller)
+    if extractor is not None:
+        extractor.trainable = False
+        for v in extractor.variables:  # the flags a layer's setter did not reach
+            v.trainable = False
+    own = {id(v) for v in student.trainable_variables}
+    extra = [v.path for v in distiller.trainable_variables if id(v) not in own]
+    if extra:
+        raise RuntimeError(
+            f"The distiller would train {len(extra)} variables that are not the student's "
+            f"(e.g. {extra[:3]}); the teacher must stay frozen."
+        )
 
 
 def distilled_layers(distiller: keras.distillation.Distiller) -> list[dict]:

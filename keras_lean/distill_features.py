@@ -131,6 +131,7 @@ def teacher_for_features(teacher: keras.Model) -> keras.Model:
     if isinstance(teacher, keras.Sequential) or not has_nested_models(teacher):
         return teacher
     flat, _ = flatten_model(teacher)
+    flat.trainable = False  # the setter reaches every sublayer (a config's flag does not)
     return flat
 
 

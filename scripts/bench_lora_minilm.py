@@ -256,17 +256,21 @@ def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=Non
     epoch_energy_j, epoch_s = [], []
     steps = int(np.ceil(len(y_train) / args.batch_size))
 
+    losses: list[dict] = []
+
     def fit_epoch(epoch, x_epoch, y_epoch):
         if transfer is None:
-            fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1, verbose=0,
-                       callbacks=[timer])  # fmt: skip
+            history = fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1,
+                                 verbose=0, callbacks=[timer])  # fmt: skip
+            losses.append({k: float(v[-1]) for k, v in history.history.items()})
             return
         from keras_lean.distill_transfer import TransferData
 
         batches = TransferData(x_epoch, y_epoch, config=transfer, batch_size=args.batch_size,
                                epochs=1, seed=1000 * seed + epoch)  # fmt: skip
-        fitter.fit(batches, epochs=1, steps_per_epoch=batches.steps_per_epoch, shuffle=False,
-                   verbose=0, callbacks=[timer])  # fmt: skip
+        history = fitter.fit(batches, epochs=1, steps_per_epoch=batches.steps_per_epoch,
+                             shuffle=False, verbose=0, callbacks=[timer])  # fmt: skip
+        losses.append({k: float(v[-1]) for k, v in history.history.items()})
 
     for epoch in range(args.epochs):
         if tracker is not None:
@@ -292,6 +296,7 @@ def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=Non
         "epoch_s": statistics.median(epoch_s[later]),
         "epoch_energy_j": statistics.median(epoch_energy_j[later]),
         "steps_per_epoch": steps,
+        "epoch_logs": losses,  # the fit's logs at the end of each epoch (losses, accuracy)
     }
 
 
@@ -411,6 +416,12 @@ def main() -> None:
         default=None,
         help="LoRA rank of the structured arms (default: --rank)",
     )
+    parser.add_argument(
+        "--skip-lora",
+        action="store_true",
+        help="skip the plain LoRA arm (full fine-tuning always runs: it is the reference and "
+        "the teacher)",
+    )
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -445,6 +456,25 @@ def main() -> None:
         return keras_hub.models.BertTextClassifier(backbone, num_classes=num_classes,
                                                    preprocessor=None)  # fmt: skip
 
+    def lora_arm(seed: int) -> dict:
+        lora = apply_lora(fresh_classifier(seed), rank=args.rank, alpha=args.alpha,
+                          keep_trainable="logits")  # fmt: skip
+        summary = lora_summary(lora)
+        keras.utils.set_random_seed(seed)
+        r = train("lora", lora, 1e-3, data, args, tracker, seed)
+        acc_lora = evaluate(lora, data[1][0], y_val, 64)
+        merged = merge_lora(lora)
+        r["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
+        r["val_accuracy_unmerged"] = acc_lora
+        r["adapter_params"] = summary["adapter_params"]
+        r["deployed_params"] = count(merged.weights)
+        probe = {k: v[:32] for k, v in data[1][0].items()}
+        r["merge_max_abs_diff"] = float(
+            np.abs(merged.predict(probe, verbose=0) - lora.predict(probe, verbose=0)).max()
+        )
+        del lora, merged
+        return r
+
     def run_seed(seed: int) -> dict:
         results = {}
         model = fresh_classifier(seed)
@@ -455,22 +485,8 @@ def main() -> None:
         teacher = model if args.distill else None  # the full fine-tune: the best model here
         del model
 
-        lora = apply_lora(fresh_classifier(seed), rank=args.rank, alpha=args.alpha,
-                          keep_trainable="logits")  # fmt: skip
-        summary = lora_summary(lora)
-        keras.utils.set_random_seed(seed)
-        results["lora"] = train("lora", lora, 1e-3, data, args, tracker, seed)
-        acc_lora = evaluate(lora, data[1][0], y_val, 64)
-        merged = merge_lora(lora)
-        results["lora"]["val_accuracy"] = evaluate(merged, data[1][0], y_val, 64)
-        results["lora"]["val_accuracy_unmerged"] = acc_lora
-        results["lora"]["adapter_params"] = summary["adapter_params"]
-        results["lora"]["deployed_params"] = count(merged.weights)
-        probe = {k: v[:32] for k, v in data[1][0].items()}
-        results["lora"]["merge_max_abs_diff"] = float(
-            np.abs(merged.predict(probe, verbose=0) - lora.predict(probe, verbose=0)).max()
-        )
-        del lora, merged
+        if not args.skip_lora:
+            results["lora"] = lora_arm(seed)
 
         if structured_blocked is not None:
             return results
@@ -560,16 +576,18 @@ def main() -> None:
         for line in structured_blocked:
             print(f"    {line}")
     print("deployed: parameters of the model that is served (after merge_lora)")
-    lora_r = results["lora"]
-    print(f"\nlora: {lora_r['adapter_params']:,} adapter params; first seed: unmerged val acc "
-          f"{100 * lora_r['val_accuracy_unmerged']:.1f}%; merged vs unmerged max |diff| "
-          f"{lora_r['merge_max_abs_diff']:.2e}")  # fmt: skip
-    checks = {
-        "trainable <= 2 %": lora_r["trainable_params"] / total <= 0.02,
-        "time/step <= 0.7 x full": lora_r["step_s"] <= 0.7 * full["step_s"],
-        "energy/step <= 0.7 x full": lora_r["epoch_energy_j"] <= 0.7 * full["epoch_energy_j"],
-        "accuracy within 1 point": lora_r["val_accuracy"] >= full["val_accuracy"] - 0.01,
-    }
+    checks = {}
+    lora_r = results.get("lora")
+    if lora_r is not None:
+        print(f"\nlora: {lora_r['adapter_params']:,} adapter params; first seed: unmerged val "
+              f"acc {100 * lora_r['val_accuracy_unmerged']:.1f}%; merged vs unmerged max |diff| "
+              f"{lora_r['merge_max_abs_diff']:.2e}")  # fmt: skip
+        checks = {
+            "trainable <= 2 %": lora_r["trainable_params"] / total <= 0.02,
+            "time/step <= 0.7 x full": lora_r["step_s"] <= 0.7 * full["step_s"],
+            "energy/step <= 0.7 x full": lora_r["epoch_energy_j"] <= 0.7 * full["epoch_energy_j"],
+            "accuracy within 1 point": lora_r["val_accuracy"] >= full["val_accuracy"] - 0.01,
+        }
     structured = results.get("structured+lora")
     if structured is not None:
         ratio = structured["epoch_energy_j"] / full["epoch_energy_j"]

@@ -149,6 +149,23 @@ def test_hub_blocks_are_the_auto_pairs():
     assert np.isfinite(loss) and loss > max(kl, 0.0)
 
 
+def test_a_frozen_teacher_stays_frozen():
+    """A teacher already frozen (as a first Distiller leaves it) is flattened from configs that
+    say `trainable: False`; its block sublayers still hold trainable variables, which the
+    distiller must not train (it did: the teacher's copy was trained towards the student)."""
+    from tests.structured._hub_models import bert_classifier
+
+    sizes = dict(vocab=50, heads=4, hidden=16, ff=32, max_len=8, dropout=0.0)
+    teacher = bert_classifier(**sizes)
+    student = prune_structured(bert_classifier(**sizes), 0.5, "l1", exclude=("logits",))
+    teacher.trainable = False
+    distiller = make_distiller(student, teacher, DistillConfig(hidden=1.0), from_logits=True)
+    assert {id(v) for v in distiller.trainable_variables} == {
+        id(v) for v in student.trainable_variables
+    }
+    assert len(student.trainable_variables) > 0
+
+
 def test_refusals(tmp_path):
     keras.utils.set_random_seed(0)
     teacher = SHAPES["functional"]()
