@@ -95,9 +95,11 @@ def _top_layers(model: keras.Model) -> dict[str, Any]:
 
 
 def _output_layers(model: keras.Model) -> set[str]:
+    from keras_lean._keras_internals import keras_history
+
     names = set()
     for t in keras.tree.flatten(model.outputs or []):
-        history = getattr(t, "_keras_history", None)
+        history = keras_history(t)
         if history is not None:
             names.add(history[0].name)
     return names

@@ -35,7 +35,8 @@ Configurations, trained with the same data, batch size, epochs and seed:
   --structured-lora-targets all / --structured-rank R: the structured arms' adapters on every
               encoder kernel (query/key/value/attention output, both feed-forward kernels) with
               the pooler trainable, at rank R (LLM-Pruner's recovery adapters cover every linear
-              layer); the default stays attention query/value at --rank.
+              layer); `attention+ffn`: query/value and both feed-forward kernels; the default
+              stays attention query/value at --rank.
 
 Targets checked at the end: LoRA (trainable <= 2 %, time and energy per step <= 0.7x full,
 accuracy within 1 pt) and structured+LoRA (energy per step <= 0.37x full, accuracy within 1 pt).
@@ -99,6 +100,9 @@ TASK_NAMES = {
 ALL_LINEAR = (
     "query|key|value|attention_output|feedforward_intermediate_dense|feedforward_output_dense"
 )
+
+# Query/value (apply_lora's default) and both feed-forward kernels: `attention+ffn`.
+QV_FFN = "query|value|feedforward_intermediate_dense|feedforward_output_dense"
 
 
 def task_title(task: str, n_train: int, n_val: int) -> str:
@@ -405,10 +409,11 @@ def main() -> None:
     parser.add_argument(
         "--structured-lora-targets",
         default="attention",
-        choices=["attention", "all"],
+        choices=["attention", "attention+ffn", "all"],
         help="LoRA targets of the structured arms: attention (apply_lora's default, query/value)"
-        " or all (query/key/value/attention output and both feed-forward kernels; the pooler "
-        "trains fully, as the head does)",
+        ", attention+ffn (query/value and both feed-forward kernels) or all (query/key/value/"
+        "attention output and both feed-forward kernels); with either of the last two the "
+        "pooler trains fully, as the head does",
     )
     parser.add_argument(
         "--structured-rank",
@@ -506,6 +511,8 @@ def main() -> None:
             )
             if args.structured_lora_targets == "all":
                 targets, keep = ALL_LINEAR, "logits|pooled_dense"
+            elif args.structured_lora_targets == "attention+ffn":
+                targets, keep = QV_FFN, "logits|pooled_dense"
             else:
                 targets, keep = None, "logits"
             return apply_lora(

@@ -193,6 +193,25 @@ def test_multi_head_attention_still_has_the_hook_masks_override():
     assert params[:6] == ["self", "query", "key", "value", "attention_mask", "training"]
 
 
+def test_teacher_feature_extractor():
+    """The Distiller's extractor over the teacher: None for logits only, else a model on the
+    teacher's own layers (keras_lean.distill freezes its variables)."""
+    inputs = keras.Input((4,))
+    hidden = L.Dense(3, name="h")(inputs)
+    teacher = keras.Model(inputs, L.Dense(2, name="out")(hidden))
+    student = keras.models.clone_model(teacher)
+    plain = keras.distillation.Distiller(teacher, student, keras.distillation.LogitsDistillation())
+    assert ki.teacher_feature_extractor(plain) is None
+    features = keras.distillation.Distiller(
+        teacher,
+        student,
+        [keras.distillation.FeatureDistillation(teacher_layer_name="h", student_layer_name="h")],
+    )
+    extractor = ki.teacher_feature_extractor(features)
+    assert isinstance(extractor, keras.Model)
+    assert teacher.get_layer("h") in extractor.layers
+
+
 def test_every_accessor_has_a_test():
     source = pathlib.Path(__file__).read_text()
     untested = [name for name in ki.__all__ if f"ki.{name}" not in source]
