@@ -95,6 +95,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lean.distill_features import distilled_layers, feature_losses
 from keras_lean.distill_transfer import (
     TransferConfig,
     TransferData,
@@ -263,8 +264,6 @@ def make_distiller(
     losses = [distillation_loss(config, from_logits=from_logits)]
     weights = [1.0]
     if config.hidden > 0:
-        from keras_lean.distill_features import feature_losses
-
         teacher, hidden, _ = feature_losses(teacher, student, config.hidden_layers)
         losses += hidden
         weights += [float(config.hidden) / len(hidden)] * len(hidden)
@@ -305,19 +304,6 @@ def _freeze_teacher(distiller: keras.distillation.Distiller, student: keras.Mode
             f"The distiller would train {len(extra)} variables that are not the student's "
             f"(e.g. {extra[:3]}); the teacher must stay frozen."
         )
-
-
-def distilled_layers(distiller: keras.distillation.Distiller) -> list[dict]:
-    """The layers a distiller's hidden-state term compares (`[{"layer", "channels"}]`:
-    channels is the number of the teacher's channels compared when the layer was narrowed,
-    None when the widths are equal); [] for logits only."""
-    from keras_lean.distill_features import HiddenStateDistillation
-
-    return [
-        {"layer": d.teacher_layer_name, "channels": None if d.channels is None else len(d.channels)}
-        for d in distiller.distillation_losses
-        if isinstance(d, HiddenStateDistillation)
-    ]
 
 
 def compile_distiller(

@@ -38,6 +38,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lean._hub import is_transformer_block
+
 _FLOOR = 1e-6
 
 
@@ -105,15 +107,6 @@ def _output_layers(model: keras.Model) -> set[str]:
     return names
 
 
-def _is_block(layer: Any) -> bool:
-    try:
-        import keras_hub
-    except ImportError:
-        return False
-    blocks = (keras_hub.layers.TransformerEncoder, keras_hub.layers.TransformerDecoder)
-    return isinstance(layer, blocks)
-
-
 def _single_shape(layer: Any) -> tuple | None:
     try:
         out = layer.output
@@ -133,7 +126,6 @@ def teacher_for_features(teacher: keras.Model) -> keras.Model:
     if isinstance(teacher, keras.Sequential) or not has_nested_models(teacher):
         return teacher
     flat, _ = flatten_model(teacher)
-    flat.trainable = False  # the setter reaches every sublayer (a config's flag does not)
     return flat
 
 
@@ -164,7 +156,7 @@ def feature_pairs(
     if layers is None:
         outputs = _output_layers(student)
         shared = [n for n in s_layers if n in t_layers and n not in outputs]
-        blocks = [n for n in shared if _is_block(s_layers[n])]
+        blocks = [n for n in shared if is_transformer_block(s_layers[n])]
         names = blocks or [n for n in shared if s_layers[n].weights]
         explicit = False
     else:
@@ -206,6 +198,17 @@ def feature_pairs(
             "name them with hidden_layers, or set hidden to 0."
         )
     return pairs
+
+
+def distilled_layers(distiller: keras.distillation.Distiller) -> list[dict]:
+    """The layers a distiller's hidden-state term compares, as `FeaturePair.to_dict` rows
+    (`channels`: how many of the teacher's channels a narrowed layer is compared on, None when
+    the widths are equal); [] for logits only."""
+    return [
+        FeaturePair(d.teacher_layer_name, d.channels).to_dict()
+        for d in distiller.distillation_losses
+        if isinstance(d, HiddenStateDistillation)
+    ]
 
 
 def feature_losses(

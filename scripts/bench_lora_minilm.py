@@ -70,6 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # minilm_tasks beside 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_lean._hub import FFN_INTERMEDIATE, FFN_OUTPUT  # noqa: E402
+
 POSITIVE = """good great excellent wonderful superb lovely fantastic delightful brilliant pleasant
 amazing outstanding terrific marvelous charming enjoyable splendid fabulous impressive perfect
 remarkable exceptional magnificent admirable""".split()
@@ -96,13 +98,10 @@ TASK_NAMES = {
 }
 
 
-# Every kernel of a BERT encoder block (keras-hub names), for `--structured-lora-targets all`.
-ALL_LINEAR = (
-    "query|key|value|attention_output|feedforward_intermediate_dense|feedforward_output_dense"
-)
-
-# Query/value (apply_lora's default) and both feed-forward kernels: `attention+ffn`.
-QV_FFN = "query|value|feedforward_intermediate_dense|feedforward_output_dense"
+# LoRA targets of the structured arms (keras-hub sublayer names): `attention+ffn` is query/value
+# (apply_lora's default) and both feed-forward kernels; `all` is every kernel of an encoder block.
+QV_FFN = f"query|value|{FFN_INTERMEDIATE}|{FFN_OUTPUT}"
+ALL_LINEAR = f"query|key|value|attention_output|{FFN_INTERMEDIATE}|{FFN_OUTPUT}"
 
 
 def task_title(task: str, n_train: int, n_val: int) -> str:
@@ -266,14 +265,13 @@ def train(name, model, lr, data, args, tracker, seed, teacher=None, transfer=Non
         if transfer is None:
             history = fitter.fit(x_epoch, y_epoch, batch_size=args.batch_size, epochs=1,
                                  verbose=0, callbacks=[timer])  # fmt: skip
-            losses.append({k: float(v[-1]) for k, v in history.history.items()})
-            return
-        from keras_lean.distill_transfer import TransferData
+        else:
+            from keras_lean.distill_transfer import TransferData
 
-        batches = TransferData(x_epoch, y_epoch, config=transfer, batch_size=args.batch_size,
-                               epochs=1, seed=1000 * seed + epoch)  # fmt: skip
-        history = fitter.fit(batches, epochs=1, steps_per_epoch=batches.steps_per_epoch,
-                             shuffle=False, verbose=0, callbacks=[timer])  # fmt: skip
+            batches = TransferData(x_epoch, y_epoch, config=transfer, batch_size=args.batch_size,
+                                   epochs=1, seed=1000 * seed + epoch)  # fmt: skip
+            history = fitter.fit(batches, epochs=1, steps_per_epoch=batches.steps_per_epoch,
+                                 shuffle=False, verbose=0, callbacks=[timer])  # fmt: skip
         losses.append({k: float(v[-1]) for k, v in history.history.items()})
 
     for epoch in range(args.epochs):

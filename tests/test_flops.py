@@ -184,16 +184,11 @@ def test_pruned_decoder_counts_its_head_dim():
 
 
 def test_gpt2_causal_lm_counts_blocks_and_tied_output_projection():
-    keras_hub = pytest.importorskip("keras_hub")
+    pytest.importorskip("keras_hub")
+    from tests.structured._hub_models import gpt2_backbone
+
     t, d, h, ff, vocab, layers = 6, 8, 2, 16, 30, 2
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=vocab,
-        num_layers=layers,
-        num_heads=h,
-        hidden_dim=d,
-        intermediate_dim=ff,
-        max_sequence_length=t,
-    )
+    backbone = gpt2_backbone(vocab=vocab, heads=h, hidden=d, ff=ff, max_len=t, layers=layers)
     ids = keras.Input((t,), dtype="int32")
     mask = keras.Input((t,), dtype="bool")
     hidden = backbone({"token_ids": ids, "padding_mask": mask})
